@@ -1,0 +1,271 @@
+"""Typed configuration: one schema with every default, YAML files inherited down `configs/`.
+
+Load order (later wins): schema defaults <- every `base.yaml` from `configs/` down to the
+experiment file's folder <- the experiment file <- command-line `a.b=value` overrides.
+The section named after the phase holds that phase's settings; `inference:` may also set
+the sampler keys of `sample:` (see `SAMPLER_KEYS`), which then apply to inference only.
+An unknown key or a wrong type fails at start-up naming the key and the file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PHASES = ("extract", "train", "sample", "inference", "evaluate")
+SAMPLER_KEYS = ("sampler", "steps", "cfg_scale", "eta", "cfg_all_channels", "precision", "compile")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work starts."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "DiT-XL/2"
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    grad_checkpointing: bool = False
+    init_from: Optional[str] = None  # a checkpoint to initialise training from (fine-tuning)
+
+
+@dataclass
+class DataConfig:
+    source: str = "folder"  # folder: an ImageNet-style <class>/<file> tree; digits: scikit-learn demo
+    image_root: Optional[str] = None
+    cache_path: str = "data/latents.h5"
+    image_size: int = 256
+    num_workers: int = 4
+    in_memory: bool = False  # load the whole cache into RAM (when it fits)
+    sample_posterior: bool = True  # False: always use the posterior mean
+    random_flip: bool = True  # False: always use the unflipped encoding
+    holdout: int = 0  # last N items kept out of training (validation loss)
+
+
+@dataclass
+class AutoencoderConfig:
+    name: str = "stabilityai/sd-vae-ft-ema"  # a Hugging Face id, a local folder, or "identity"
+    scale_factor: Optional[float] = None  # None: from the autoencoder's own config
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = 64  # per process
+    num_workers: int = 4
+    precision: str = "bf16"  # bf16 | fp32 (encoder autocast on CUDA)
+    flush_every: int = 64  # batches between durable progress marks (resume granularity)
+
+
+@dataclass
+class TimestepsConfig:
+    sampler: str = "uniform"  # uniform | speed | speed_legacy | lognormal | logitnormal | logitnormal_index | loss_second_moment
+    weighting: str = "none"  # none | speed | p2 | min_snr | edm
+    tau: Any = "auto"  # SpeeD threshold in original steps, or "auto"
+    k: float = 5.0  # SpeeD suppression intensity
+    lam: float = 0.6  # SpeeD change-aware lambda
+    dual: bool = True  # SpeeD dual (symmetric) sampling
+    normalize: bool = False  # divide weights by E_{t~P}[w_t]
+    gamma: float = 5.0  # min-SNR gamma / P2 gamma (see docs)
+    p2_k: float = 1.0
+    p2_gamma: float = 1.0
+    mean: float = 0.0  # log-/logit-normal location
+    std: float = 1.0  # log-/logit-normal scale
+    history: int = 10  # loss_second_moment: losses kept per timestep
+    uniform_prob: float = 0.001  # loss_second_moment: uniform mixture
+    weight_vb: bool = False  # also multiply the learned-sigma VB term by the weighting
+
+
+@dataclass
+class DiffusionConfig:
+    num_steps: int = 1000
+    schedule: str = "linear"  # linear | cosine
+    timesteps: TimestepsConfig = field(default_factory=TimestepsConfig)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256  # global, over all processes and accumulation steps
+    grad_accum: int = 1
+    max_steps: int = 400_000
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine
+    min_lr: float = 0.0
+    max_grad_norm: float = 0.0  # 0: no clipping (the grad norm is still logged)
+    ema_decay: float = 0.9999
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    compile: bool = False
+    ckpt_every: int = 50_000
+    keep_last: int = 0  # 0 keeps every checkpoint
+    log_every: int = 100
+    eval_every: int = 0  # 0: off; else validation loss on the held-out items (data.holdout) every N steps
+    eval_timesteps: int = 10  # stratified timesteps per held-out item for the validation loss
+    progress: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "dit"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class SampleConfig:
+    classes: List[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
+    per_class: int = 1
+    sampler: str = "ddpm"  # ddpm | ddim | dpm++ | unipc | euler | diffusers-ddim
+    steps: int = 250
+    cfg_scale: float = 4.0
+    eta: float = 0.0  # DDIM eta
+    cfg_all_channels: bool = False  # DiT guides only latent channels 0-2
+    precision: str = "fp32"
+    compile: bool = False
+    batch_size: int = 64  # per process
+    use_ema: bool = True
+    output: Optional[str] = None  # default <experiment_dir>/samples
+
+
+@dataclass
+class InferenceConfig:
+    num_samples: int = 50_000
+    batch_size: int = 64  # per process
+    output: Optional[str] = None  # default <experiment_dir>/inference/samples.npz
+    class_balanced: bool = False
+    save_png: bool = False
+    evaluate: bool = False  # run the evaluate phase on the result
+    # Sampler overrides for inference only (None: use sample.*)
+    sampler: Optional[str] = None
+    steps: Optional[int] = None
+    cfg_scale: Optional[float] = None
+    eta: Optional[float] = None
+    cfg_all_channels: Optional[bool] = None
+    precision: Optional[str] = None
+    compile: Optional[bool] = None
+
+
+@dataclass
+class EvaluateConfig:
+    samples: Optional[str] = None  # default: inference.output
+    reference: Optional[str] = None  # ADM reference batch .npz (images or mu/sigma)
+    inception_weights: Optional[str] = None  # local torch-fidelity Inception weights file
+    batch_size: int = 200
+    output: Optional[str] = None  # default <experiment_dir>/eval/<samples stem>.json
+
+
+@dataclass
+class Config:
+    experiment_dir: str = "runs/default"
+    seed: int = 0
+    ckpt: Optional[str] = None  # checkpoint for sample/inference; default: latest in the run folder
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def config_chain(path: Path) -> list[Path]:
+    """Every base.yaml from the `configs` root down to `path`'s folder, then `path` itself."""
+    path = path.resolve()
+    folders = [path.parent]
+    for parent in path.parent.parents:
+        folders.append(parent)
+        if parent.name == "configs":
+            break
+    else:  # not under a configs/ folder: only its own folder's base.yaml
+        folders = [path.parent]
+    chain = [f / "base.yaml" for f in reversed(folders) if (f / "base.yaml").is_file()]
+    return [p for p in chain if p != path] + [path]
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{source}: invalid key '{key}': {reason}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema <- base.yaml chain <- file <- overrides, validated against the schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    cfg = OmegaConf.structured(Config)
+    for file in config_chain(path):
+        try:
+            data = OmegaConf.load(file)
+        except Exception as err:  # YAML syntax errors
+            raise ConfigError(f"{file}: cannot parse YAML: {err}") from None
+        if data is None or (isinstance(data, DictConfig) and len(data) == 0):
+            continue
+        if not isinstance(data, DictConfig):
+            raise ConfigError(f"{file}: top level must be a mapping")
+        cfg = _merge(cfg, data, str(file))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' is not of the form a.b=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"command line override '{item}'")
+    _validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "train.precision": ("bf16", "fp16", "fp32"),
+    "sample.precision": ("bf16", "fp16", "fp32"),
+    "extract.precision": ("bf16", "fp32"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "diffusion.schedule": ("linear", "cosine"),
+    "wandb.mode": ("online", "offline", "disabled"),
+    "data.source": ("folder", "digits"),
+}
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    if cfg.inference.precision is not None and cfg.inference.precision not in _CHOICES["sample.precision"]:
+        raise ConfigError(f"inference.precision={cfg.inference.precision!r} is not one of bf16, fp16, fp32")
+    for key in ("train.batch_size", "train.max_steps", "train.grad_accum", "train.ckpt_every", "train.log_every"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1")
+
+
+def sampler_settings(cfg: DictConfig, phase: str) -> DictConfig:
+    """The sampler keys for `phase`: `sample.*`, overridden by `inference.*` when set there."""
+    settings = OmegaConf.masked_copy(cfg.sample, list(SAMPLER_KEYS))
+    if phase == "inference":
+        for key in SAMPLER_KEYS:
+            value = cfg.inference[key]
+            if value is not None:
+                settings[key] = value
+    return settings
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    """Write the resolved config (what actually ran) next to the run's outputs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """Plain dict for checkpoints (weights_only-loadable, never an OmegaConf object)."""
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,87 @@
+"""Where a run reports: console lines (rank 0), a JSON-lines metrics file, and wandb when enabled.
+
+wandb is imported only when `wandb.mode` is not "disabled", so machines without it can run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from runtime import distributed as dist
+from runtime.config import to_container
+
+
+def info(message: str) -> None:
+    """Print on rank 0 only (every rank prints errors itself)."""
+    if dist.is_main():
+        print(message, flush=True)
+
+
+class MetricsLog:
+    """Appends `{"step": ..., **metrics}` lines to `<experiment_dir>/logs/<phase>.jsonl` and to wandb."""
+
+    def __init__(self, cfg: DictConfig, phase: str):
+        self.enabled = dist.is_main()
+        self.path = Path(cfg.experiment_dir) / "logs" / f"{phase}.jsonl"
+        self.wandb_run = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if cfg.wandb.mode != "disabled":
+            import wandb  # lazy: optional on GPU boxes
+
+            self.wandb_run = wandb.init(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                name=cfg.wandb.name,
+                mode=cfg.wandb.mode,
+                dir=str(Path(cfg.experiment_dir)),
+                config=to_container(cfg),
+                job_type=phase,
+                resume="allow",
+            )
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def format_metrics(step: int, metrics: dict) -> str:
+    """One console line: `step 100 | loss 0.1234 | grad_norm 1.20 | lr 1.0e-04 | img/s 512.3`."""
+    parts = [f"step {step}"]
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            text = f"{value:.2e}" if key == "lr" or (value != 0 and abs(value) < 1e-3) else f"{value:.4f}"
+        else:
+            text = str(value)
+        parts.append(f"{key} {text}")
+    return " | ".join(parts)
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    """A tqdm bar on rank 0 writing to stderr; a no-op object elsewhere."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not (enabled and dist.is_main()),
+        file=sys.stderr,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )

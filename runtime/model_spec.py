@@ -1,0 +1,79 @@
+"""What model a run builds, from one source of truth, with guard rails before long work.
+
+Training: the latent size and channels come from the cache's attributes; the config's image
+size and autoencoder must agree with the cache. Sampling: our checkpoints carry their own
+`model_args`; a published DiT checkpoint (a bare state dict) takes them from the cache if
+there is one, else from the config (SD VAE: 8x down-sampling, 4 channels).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+VAE_DOWNSAMPLE = 8
+VAE_CHANNELS = 4
+
+
+def check_cache_matches_config(cfg: DictConfig, info: dict) -> None:
+    """A cache made for another image size or autoencoder is an error, not a silent mix."""
+    problems = []
+    if int(info["image_size"]) != int(cfg.data.image_size):
+        problems.append(f"image size {info['image_size']} (config data.image_size={cfg.data.image_size})")
+    if str(info["autoencoder"]) != str(cfg.autoencoder.name):
+        problems.append(f"autoencoder '{info['autoencoder']}' (config autoencoder.name='{cfg.autoencoder.name}')")
+    if problems:
+        raise ValueError(
+            f"the cache {cfg.data.cache_path} was made for " + " and ".join(problems)
+            + ": fix the config, or point data.cache_path at a cache extracted with these settings"
+        )
+    if int(info["num_classes"]) > int(cfg.model.num_classes):
+        raise ValueError(
+            f"the cache has {info['num_classes']} classes but model.num_classes={cfg.model.num_classes}"
+        )
+
+
+def model_args_from_cache(cfg: DictConfig, info: dict) -> dict:
+    channels, height, width = (int(v) for v in info["latent_shape"])
+    if height != width:
+        raise ValueError(f"non-square latents {height}x{width} are not supported")
+    return model_args(cfg, input_size=height, in_channels=channels)
+
+
+def model_args(cfg: DictConfig, input_size: int, in_channels: int) -> dict:
+    return {
+        "name": str(cfg.model.name),
+        "input_size": int(input_size),
+        "in_channels": int(in_channels),
+        "num_classes": int(cfg.model.num_classes),
+        "learn_sigma": bool(cfg.model.learn_sigma),
+        "class_dropout_prob": float(cfg.model.class_dropout_prob),
+    }
+
+
+def model_args_from_config(cfg: DictConfig) -> dict:
+    """For published checkpoints with no metadata: the geometry implied by the config."""
+    cache = Path(cfg.data.cache_path)
+    if cache.is_file():
+        from datasets.latent_cache import read_cache_info
+
+        try:
+            info = read_cache_info(cache)
+        except ValueError:
+            info = None
+        if info is not None:
+            check_cache_matches_config(cfg, info)
+            return model_args_from_cache(cfg, info)
+    if cfg.autoencoder.name == "identity":
+        return model_args(cfg, input_size=cfg.data.image_size, in_channels=3)
+    if cfg.data.image_size % VAE_DOWNSAMPLE:
+        raise ValueError(f"data.image_size={cfg.data.image_size} is not a multiple of {VAE_DOWNSAMPLE}")
+    return model_args(cfg, input_size=cfg.data.image_size // VAE_DOWNSAMPLE, in_channels=VAE_CHANNELS)
+
+
+def check_same_model(stored: dict, current: dict, source: str) -> None:
+    """Resuming or fine-tuning with a different architecture or latent shape is an error."""
+    keys = ("name", "input_size", "in_channels", "num_classes", "learn_sigma")
+    diffs = [f"{k}: {stored.get(k)} in {source}, {current.get(k)} now" for k in keys if stored.get(k) != current.get(k)]
+    if diffs:
+        raise ValueError(f"{source} was made for a different model or latent shape: " + "; ".join(diffs))

@@ -1,0 +1,92 @@
+"""Config loading: inheritance down configs/, overrides, schema errors naming key and file."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.config import ConfigError, config_chain, load_config, sampler_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_chain_order_and_precedence(tmp_path):
+    write(tmp_path / "configs/base.yaml", "seed: 1\ntrain:\n  lr: 0.5\n  max_steps: 7\n")
+    write(tmp_path / "configs/a/base.yaml", "seed: 2\n")
+    exp = write(tmp_path / "configs/a/b/exp.yaml", "train:\n  lr: 0.25\n")
+    chain = config_chain(exp)
+    assert chain == [tmp_path / "configs/base.yaml", tmp_path / "configs/a/base.yaml", exp]
+    cfg = load_config(exp, ["train.max_steps=9"])
+    assert cfg.seed == 2  # nearer base wins
+    assert cfg.train.lr == 0.25  # the file wins over bases
+    assert cfg.train.max_steps == 9  # the command line wins over everything
+    assert cfg.train.batch_size == 256  # schema default
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    exp = write(tmp_path / "configs/exp.yaml", "train:\n  batch_sise: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(exp)
+    assert "train.batch_sise" in str(err.value)
+    assert str(exp) in str(err.value)
+
+
+def test_error_in_base_names_the_base_file(tmp_path):
+    base = write(tmp_path / "configs/base.yaml", "modle:\n  name: x\n")
+    exp = write(tmp_path / "configs/exp.yaml", "seed: 1\n")
+    with pytest.raises(ConfigError, match="modle") as err:
+        load_config(exp)
+    assert str(base) in str(err.value)
+
+
+def test_wrong_type_and_bad_override(tmp_path):
+    exp = write(tmp_path / "configs/exp.yaml", "seed: 1\n")
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(exp, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="a.b=value"):
+        load_config(exp, ["train.lr"])
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(exp, ["train.precision=fp8"])
+
+
+def test_inference_block_overrides_sampler_keys_only_for_inference(tmp_path):
+    exp = write(tmp_path / "configs/exp.yaml", "sample:\n  cfg_scale: 4.0\n  steps: 100\ninference:\n  cfg_scale: 1.5\n")
+    cfg = load_config(exp)
+    assert sampler_settings(cfg, "sample").cfg_scale == 4.0
+    assert sampler_settings(cfg, "inference").cfg_scale == 1.5
+    assert sampler_settings(cfg, "inference").steps == 100  # not overridden: inherited from sample
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")))
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    if "imagenet_256" in str(path) and path.name != "base.yaml":
+        assert cfg.train.batch_size == 256 and cfg.train.lr == 1e-4 and cfg.train.ema_decay == 0.9999
+        assert cfg.model.class_dropout_prob == 0.1 and cfg.model.learn_sigma
+        assert cfg.diffusion.schedule == "linear" and cfg.diffusion.num_steps == 1000
+    if path.name.endswith("_speed.yaml"):
+        ts = cfg.diffusion.timesteps
+        assert (ts.sampler, ts.weighting, ts.tau, ts.k, ts.lam) == ("speed", "speed", 700, 5.0, 0.6)
+
+
+def test_cli_reports_misspelled_key(tmp_path):
+    exp = write(tmp_path / "configs/exp.yaml", "trian:\n  lr: 1\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "-c", str(exp), "-p", "train"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "trian" in proc.stderr and str(exp) in proc.stderr
+
+
+def test_cli_help_lists_phases():
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0
+    for phase in ("extract", "train", "sample", "inference", "evaluate"):
+        assert phase in proc.stdout
