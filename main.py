@@ -45,10 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     phase = importlib.import_module(f"phases.{args.phase}")
+    from phases.train import NonFiniteLossError
+
     dist.init()
     try:
         phase.run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
         print(f"error ({args.phase}): {err}", file=sys.stderr)
         return 1
     finally:
