@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from datasets.autoencoder import load_autoencoder
 from diffusion.guidance import guided_model_fn
+from diffusion.noise import per_row_noise
 from diffusion.sampler import build_sampler
 from models import create_model
 from models.pretrained import extract_state_dict, load_pretrained
@@ -46,7 +47,7 @@ class Generator:
         """uint8 images [B, H, W, C] for `labels`, image b from generator seed `seeds[b]`."""
         device = self.device
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-        noise = torch.stack([torch.randn(self.latent_shape, generator=g, device=device) for g in generators])
+        noise = per_row_noise((len(seeds), *self.latent_shape), generators, device)
         y = labels.to(device=device, dtype=torch.long)
         fn = guided_model_fn(
             self.model,
