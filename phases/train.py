@@ -100,6 +100,7 @@ def run(cfg: DictConfig) -> Path | None:
     if state is not None:
         check_same_model(state["model_args"], margs, str(latest))
 
+    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
     model = create_model(**margs, grad_checkpointing=cfg.model.grad_checkpointing)
     if state is not None:
         model.load_state_dict(state["model"])

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -32,7 +33,7 @@ def main_py(*args, timeout=300):
 
 
 def torchrun(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", 
             "main.py", "-c", CONFIG, *args]
 
 
@@ -56,7 +57,11 @@ def test_killed_torchrun_training_resumes_to_the_same_result(cache, tmp_path):
     deadline = time.time() + 300
     while latest_checkpoint(killed_dir) is None and victim.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)
+    # SIGKILL the launcher and every worker (torchrun starts its workers in their own groups)
+    family = [victim_proc, *victim_proc.children(recursive=True)] if (victim_proc := psutil.Process(victim.pid)) else []
+    for proc in family:
+        proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=30)
     victim.wait()
     killed_at = latest_checkpoint(killed_dir)
     assert killed_at is not None and killed_at.name != f"{STEPS:07d}.pt", "the run was not interrupted midway"
@@ -106,7 +111,7 @@ def test_resume_with_another_model_is_an_error(cache, tmp_path):
     exp = tmp_path / "run"
     main_py("-p", "train", f"experiment_dir={exp}", f"data.cache_path={cache}", *TRAIN, "train.max_steps=4")
     proc = subprocess.run([sys.executable, "main.py", "-c", CONFIG, "-p", "train", f"experiment_dir={exp}",
-                           f"data.cache_path={cache}", *TRAIN, "model.name=DiT-T/4"],
+                           f"data.cache_path={cache}", *TRAIN, "model.name=DiT-T/2"],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "different model" in proc.stderr
 

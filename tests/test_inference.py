@@ -47,7 +47,7 @@ def test_batch_size_and_processes_do_not_change_the_images(run_dir, tmp_path):
     assert a.shape == (7, 16, 16, 1) and a.dtype == np.uint8
     assert np.array_equal(labels_a, labels_b) and np.array_equal(a, b)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "main.py",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
          "-c", str(CONFIG), "-p", "inference", f"experiment_dir={run_dir / 'run'}", f"data.cache_path={run_dir / 'digits.h5'}",
          f"inference.output={tmp_path / 'c.npz'}", "inference.num_samples=7", "sample.steps=4", "sample.sampler=ddpm",
          "inference.batch_size=2"],
