@@ -235,3 +235,25 @@ def test_digits_demo_with_the_identity(setup, tmp_path):
     np.testing.assert_array_equal(data["moments"][:, 0, 0], pixels.astype(np.float16))
     np.testing.assert_array_equal(data["moments"][:, 1, 0], pixels[..., ::-1].astype(np.float16))
     assert not data["moments"][:, :, 1].any()
+
+
+def test_training_and_sampling_start_from_the_vae_cache(setup, tmp_path):
+    """The cache made through a (tiny) AutoencoderKL trains a DiT and decodes samples back to pixels."""
+    from phases import sample, train
+    from runtime.checkpoint import load_checkpoint
+
+    info = read_cache_info(setup["reference"])
+    cfg = cfg_for(setup, f"experiment_dir={tmp_path}", "model.name=DiT-T/2", "model.num_classes=3",
+                  "train.batch_size=4", "train.max_steps=2", "train.ckpt_every=2", "train.progress=false",
+                  "train.precision=fp32", "data.num_workers=0", "sample.classes=[0,2]", "sample.steps=3",
+                  "sample.sampler=ddim", "sample.precision=fp32")
+    ckpt = train.run(cfg)
+    state = load_checkpoint(ckpt)
+    assert state["model_args"]["in_channels"] == info["latent_shape"][0]
+    assert state["model_args"]["input_size"] == info["latent_shape"][1]
+    assert state["autoencoder"] == {"name": str(setup["vae"]), "scale_factor": info["scale_factor"]}
+    grid = sample.run(cfg)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "samples" / "0000_class0.png").size == (SIZE, SIZE)
+    assert grid.is_file()
