@@ -212,6 +212,8 @@ def run(cfg: DictConfig) -> Path | None:
         if tc.eval_every and cfg.data.holdout and (done % tc.eval_every == 0 or done == tc.max_steps):
             model.eval()
             metrics = validation_loss(cfg, model, diffusion, dataset, cache["num_items"], device)
+            ema_metrics = validation_loss(cfg, ema, diffusion, dataset, cache["num_items"], device)
+            metrics.update({key.replace("val_", "val_ema_"): value for key, value in ema_metrics.items()})
             model.train()
             log.log(done, metrics)
             if dist.is_main():

@@ -13,11 +13,17 @@ from runtime import distributed as dist
 from runtime.data_stream import mix_seed
 
 
-def holdout_split(num_items: int, holdout: int) -> tuple[range, range]:
-    """Training items and the last `holdout` items kept out for validation."""
+def holdout_split(num_items: int, holdout: int) -> tuple[list[int], list[int]]:
+    """Training items, and `holdout` evenly spaced items kept out for validation.
+
+    Evenly spaced rather than the last N: image-folder caches are sorted by class, so the last
+    items would all come from the last classes.
+    """
     if holdout < 0 or holdout >= num_items:
         raise ValueError(f"data.holdout={holdout} must be in [0, {num_items - 1}] for a cache of {num_items} items")
-    return range(num_items - holdout), range(num_items - holdout, num_items)
+    held = sorted({(i * num_items) // holdout for i in range(holdout)}) if holdout else []
+    kept = set(held)
+    return [i for i in range(num_items) if i not in kept], held
 
 
 def stratified_timesteps(count: int, num_timesteps: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ class DataConfig:
     in_memory: bool = False  # load the whole cache into RAM (when it fits)
     sample_posterior: bool = True  # False: always use the posterior mean
     random_flip: bool = True  # False: always use the unflipped encoding
-    holdout: int = 0  # last N items kept out of training (validation loss)
+    holdout: int = 0  # N evenly spaced items kept out of training (validation loss)
 
 
 @dataclass

@@ -9,7 +9,7 @@ subprocesses, each run in its own folder OUT/runs/<name>, with the same seed, da
 initial weights (OUT/init.pt, seeded, unless the config sets model.init_from) and number of
 steps; only the `diffusion.timesteps` settings differ. The validation loss that
 phases/validation.py logs (uniform stratified timesteps, no weights, fixed draws and noise on the
-last `data.holdout` items) is the same measurement for every strategy, so the curves compare
+`data.holdout` evenly spaced held-out items) is the same measurement for every strategy, so the curves compare
 the models, not the training objectives. It then writes
 
     OUT/results.md     table: final val_mse / val_loss, best val_mse and its step
@@ -347,7 +347,7 @@ def write_reports(out: Path, results: list[dict], header: dict) -> None:
         f"# Timestep strategies on `{header['config']}`\n\n"
         f"{header['model']}, {header['steps']} training steps per strategy, seed {header['seed']} (unless a "
         f"strategy sets one), every run starting from {start}. Validation loss every {header['eval_every']} "
-        f"steps on the last {header['holdout']} cache items (uniform stratified timesteps, unweighted, fixed "
+        f"steps on {header['holdout']} held-out cache items (uniform stratified timesteps, unweighted, fixed "
         f"noise: the same measurement for every strategy). Common overrides: {common}.\n\n"
         f"{markdown_table(results)}\n\nval_loss = val_mse + val_vb (learned-sigma VB term).\n\n"
         f"Strategy settings:\n\n{settings}\n"
@@ -395,7 +395,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=600, help="training steps per strategy (default 600)")
     parser.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (default 100)")
-    parser.add_argument("--holdout", type=int, default=256, help="last N cache items held out (default 256)")
+    parser.add_argument("--holdout", type=int, default=256, help="N evenly spaced cache items held out (default 256)")
     parser.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: the config's)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare_timesteps"), help="output folder")
     parser.add_argument("--no-sample", action="store_true", help="skip the sample grids")
