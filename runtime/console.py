@@ -84,4 +84,5 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool):
         file=sys.stderr,
         dynamic_ncols=True,
         smoothing=0.1,
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,  # logs to files stay readable
     )
