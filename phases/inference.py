@@ -102,6 +102,7 @@ def _rows_in_order(parts: dict[Path, np.ndarray], num_samples: int, field: str, 
 def run(cfg: DictConfig) -> Path:
     ic = cfg.inference
     out = output_path(cfg)
+    extractor = _evaluation_extractor(cfg) if ic.evaluate else None  # fail before hours of sampling
     if out.exists():
         info(f"{out} already exists (delete it to regenerate)")
     else:
@@ -113,10 +114,24 @@ def run(cfg: DictConfig) -> Path:
         if cfg.evaluate.samples is None:
             cfg = cfg.copy()
             cfg.evaluate.samples = str(out)
-        evaluate.run(cfg)
+        evaluate.run(cfg, feature_extractor=extractor)
     elif dist.is_main():
         print(out, flush=True)
     return out
+
+
+def _evaluation_extractor(cfg: DictConfig):
+    """Check the evaluation inputs and load the feature network on rank 0, before any sampling."""
+    from phases import evaluate
+
+    if not cfg.evaluate.reference or not Path(cfg.evaluate.reference).is_file():
+        raise FileNotFoundError(
+            f"inference.evaluate=true but evaluate.reference={cfg.evaluate.reference!r} is not a file: "
+            f"{evaluate.REFERENCE_HELP}"
+        )
+    if not dist.is_main():
+        return None
+    return evaluate.build_inception(cfg.evaluate.inception_weights, dist.device())
 
 
 def _generate(cfg: DictConfig, out: Path) -> None:

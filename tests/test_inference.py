@@ -105,3 +105,32 @@ def test_labels_are_seeded_and_class_balanced_on_request():
     assert not torch.equal(a, inference.sample_labels(1000, 10, seed=4, class_balanced=False))
     balanced = inference.sample_labels(1000, 10, seed=3, class_balanced=True)
     assert torch.bincount(balanced).tolist() == [100] * 10
+
+
+def test_inference_then_evaluate(run_dir, tmp_path, monkeypatch, capsys):
+    """inference.evaluate=true: the feature network is loaded before sampling and the metrics JSON is printed last."""
+    import json
+
+    from phases import evaluate
+    from test_evaluate import TinyConvNet
+
+    reference = inference.run(config(run_dir, tmp_path / "reference.npz", "seed=100"))
+    net = TinyConvNet()
+    monkeypatch.setattr(evaluate, "build_inception", lambda weights, device: net)
+    capsys.readouterr()
+    inference.run(config(run_dir, tmp_path / "s.npz", "inference.evaluate=true", f"evaluate.reference={reference}",
+                         f"evaluate.output={tmp_path / 'metrics.json'}"))
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["num_samples"] == 7 and last["fid"] >= 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["fid"] == last["fid"]
+    assert net.images_seen == 14  # the samples and the reference images
+
+
+def test_missing_reference_fails_before_sampling(run_dir, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("sampling started before the evaluation inputs were checked")
+
+    monkeypatch.setattr(phases.generation.Generator, "images", never)
+    with pytest.raises(FileNotFoundError, match="evaluate.reference"):
+        inference.run(config(run_dir, tmp_path / "s.npz", "inference.evaluate=true",
+                             f"evaluate.reference={tmp_path / 'absent.npz'}"))
