@@ -71,6 +71,8 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 def load_generator(cfg: DictConfig, ckpt_path: Path, settings: DictConfig, use_ema: bool, device: torch.device) -> Generator:
     """Build the model from a checkpoint (ours or a published DiT one), the autoencoder and the sampler."""
+    torch.backends.cuda.matmul.allow_tf32 = True  # as DiT's sample_ddp.py (tf32 on by default)
+    torch.backends.cudnn.allow_tf32 = True
     state = load_checkpoint(ckpt_path)
     if isinstance(state, dict) and "model_args" in state:  # our training checkpoint
         margs = dict(state["model_args"])
