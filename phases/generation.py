@@ -6,11 +6,12 @@ size or the number of processes.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from omegaconf import DictConfig
 
 from datasets.autoencoder import load_autoencoder
@@ -21,9 +22,9 @@ from models import create_model
 from models.pretrained import extract_state_dict, load_pretrained
 from runtime.checkpoint import load_checkpoint
 from runtime.console import info
+from runtime.precision import autocast
 from runtime.model_spec import check_same_model, model_args_from_config
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 @dataclass
@@ -56,12 +57,16 @@ class Generator:
             self.model_args["num_classes"],
             all_channels=bool(self.settings.cfg_all_channels),
         )
-        dtype = AUTOCAST_DTYPES[self.settings.precision]
-        context = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with context:
+        with autocast(device, self.settings.precision):
             latents = self.sampler(fn, noise, generators=generators, progress=progress)
         pixels = self.autoencoder.decode(latents.float() / self.autoencoder.scale_factor)
         return to_uint8(pixels)
+
+
+def to_pil(image: torch.Tensor | np.ndarray) -> Image.Image:
+    """One uint8 HWC image as a PIL image (greyscale when it has one channel)."""
+    array = np.asarray(image)
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:

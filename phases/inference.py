@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 
-from phases.generation import load_generator
+from phases.generation import load_generator, to_pil
 from phases.npz_writer import write_npz
 from runtime import distributed as dist
 from runtime.checkpoint import resolve_checkpoint
@@ -169,7 +168,7 @@ def _generate(cfg: DictConfig, out: Path) -> None:
         _save_part(parts_dir, batch, images, labels[batch].numpy())
         if ic.save_png:
             for i, image in zip(batch, images):
-                Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png_dir / f"{i:06d}.png")
+                to_pil(image).save(png_dir / f"{i:06d}.png")
         bar.update(len(batch) * dist.world_size())
     bar.close()
     dist.barrier()

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torchvision.utils import make_grid
 
-from phases.generation import load_generator
+from phases.generation import load_generator, to_pil
 from runtime import distributed as dist
 from runtime.checkpoint import resolve_checkpoint
 from runtime.config import sampler_settings
@@ -20,8 +20,7 @@ def grid_image(images: torch.Tensor, columns: int) -> Image.Image:
     """uint8 NHWC images -> one PIL image, `columns` per row, 2 px padding."""
     nchw = images.permute(0, 3, 1, 2)
     grid = make_grid(nchw, nrow=columns, padding=2, pad_value=0)
-    array = grid.permute(1, 2, 0).numpy()
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    return to_pil(grid.permute(1, 2, 0))
 
 
 def run(cfg: DictConfig) -> Path | None:
@@ -48,8 +47,7 @@ def run(cfg: DictConfig) -> Path | None:
         chunks.append(generator.images(labels[start:stop], seeds[start:stop], progress=True))
     images = torch.cat(chunks)
     for i, (image, label) in enumerate(zip(images, labels.tolist())):
-        array = image.numpy()
-        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(out / f"{i:04d}_class{label}.png")
+        to_pil(image).save(out / f"{i:04d}_class{label}.png")
     columns = cfg.sample.per_class if cfg.sample.per_class > 1 else math.ceil(math.sqrt(len(images)))
     grid_path = out / "grid.png"
     grid_image(images, columns).save(grid_path)

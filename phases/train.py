@@ -28,20 +28,11 @@ from runtime.console import MetricsLog, format_metrics, info, progress_bar
 from runtime.data_stream import StreamBatchSampler, mix_seed
 from runtime.ema import create_ema, update_ema
 from runtime.lr_schedule import learning_rate
+from runtime.precision import autocast
 from runtime.model_spec import check_cache_matches_config, check_same_model, model_args_from_cache
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
 
 class NonFiniteLossError(RuntimeError):
     """Training produced NaN/inf; the last good checkpoint is left as it was."""
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = AUTOCAST_DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def rng_state() -> dict:
