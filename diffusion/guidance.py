@@ -13,7 +13,7 @@ import torch
 def guided_model_fn(
     model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     y: torch.Tensor,
-    cfg_scale: float,
+    cfg_scale: float | torch.Tensor,
     num_classes: int,
     all_channels: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -33,14 +33,21 @@ def guided_model_fn(
     therefore reproduces DiT's conditional trajectory at half the sampler work. (For C = 4
     latent channels, min(3, C) = 3 is DiT's hard-coded 3; for C < 3 we do not guide variance
     channels, which DiT's slicing would.)
+
+    `cfg_scale` may also be a [B] tensor, one scale per row (guided distillation draws them).
     """
     if y.ndim != 1:
         raise ValueError(f"labels y must have shape [B], got {tuple(y.shape)}")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) > num_classes):
         raise ValueError(f"labels must lie in 0..{num_classes} ({num_classes} is the null class)")
-    scale = float(cfg_scale)
-    if scale == 1.0:
-        return lambda x, t: model(x, t, y)
+    if isinstance(cfg_scale, torch.Tensor):
+        if cfg_scale.shape != y.shape:
+            raise ValueError(f"per-row cfg scales must have shape {tuple(y.shape)}, got {tuple(cfg_scale.shape)}")
+        scale = cfg_scale.float().view(-1, 1, 1, 1)
+    else:
+        scale = float(cfg_scale)
+        if scale == 1.0:
+            return lambda x, t: model(x, t, y)
 
     labels = torch.cat([y, torch.full_like(y, num_classes)])
 

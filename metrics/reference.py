@@ -11,7 +11,6 @@ mtime and its first and last MiB: a changed file or another network gives a new 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,6 +20,7 @@ import numpy as np
 from metrics.features import FeatureExtractor, extract_npz_features
 from metrics.frechet import feature_statistics
 from metrics.npz import inspect_npz, read_statistics
+from runtime.atomic_file import atomic_write
 
 CACHE_FORMAT = 1
 _EDGE_BYTES = 1 << 20
@@ -63,12 +63,9 @@ def _load(cache_file: Path) -> ReferenceStats:
 
 def _save(stats: ReferenceStats, cache_file: Path) -> None:
     """Write to a temporary name and rename, so an interrupted run never leaves a broken cache."""
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
     arrays = {name: getattr(stats, name) for name in ("mu", "sigma", "mu_s", "sigma_s", "features")}
-    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with atomic_write(cache_file) as handle:
         np.savez(handle, **{name: value for name, value in arrays.items() if value is not None})
-    os.replace(tmp, cache_file)
 
 
 def _check_dims(path: Path, stats: ReferenceStats, pool_dim: int, spatial_dim: Optional[int]) -> None:

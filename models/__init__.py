@@ -34,6 +34,7 @@ def create_model(
     learn_sigma: bool = True,
     class_dropout_prob: float = 0.1,
     grad_checkpointing: bool = False,
+    guidance_embedding: bool = False,
 ) -> DiT:
     """Build the registered model `name` for latents of shape [in_channels, input_size, input_size]."""
     if name not in MODELS:
@@ -57,4 +58,5 @@ def create_model(
         learn_sigma=learn_sigma,
         class_dropout_prob=class_dropout_prob,
         grad_checkpointing=grad_checkpointing,
+        guidance_embedding=guidance_embedding,
     )

@@ -113,6 +113,33 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+class GuidanceEmbedder(nn.Module):
+    """Guidance scale s -> vector added to the conditioning: a student that samples at any scale.
+
+    Guided distillation (Meng et al., CVPR 2023) feeds the guidance weight to the student through
+    an embedding. Sinusoidal features of 100 (s - 1) (scales 1..11 cover the range DiT's timesteps
+    use), then a SiLU MLP whose last layer starts at zero, so a freshly added embedder changes
+    nothing: a copy of the teacher with it gives the teacher's outputs.
+    """
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = FREQUENCY_EMBEDDING_SIZE):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+        nn.init.normal_(self.mlp[0].weight, std=0.02)
+        nn.init.zeros_(self.mlp[0].bias)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, scale: torch.Tensor) -> torch.Tensor:
+        features = timestep_embedding(100.0 * (scale.float() - 1.0), self.frequency_embedding_size)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
 class DiTBlock(nn.Module):
     """Transformer block with LayerNorms modulated by the conditioning c and zero-initialised gates (adaLN-Zero)."""
 
@@ -152,6 +179,8 @@ class DiT(nn.Module):
 
     forward(x [B, C, H, W], t [B] long or float, y [B] long) -> [B, out_channels, H, W], where
     out_channels = 2C (epsilon and the variance interpolation v) if learn_sigma else C.
+    With guidance_embedding (distilled students, not part of the reference), forward also takes
+    the guidance scale s [B], embedded by `guidance_embedder` and added to the conditioning.
     """
 
     def __init__(
@@ -167,6 +196,7 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         grad_checkpointing: bool = False,
+        guidance_embedding: bool = False,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -188,7 +218,10 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.guidance_embedder = None
         self.initialize_weights()
+        if guidance_embedding:  # after the reference initialisation, so it draws the same numbers for a seed
+            self.guidance_embedder = GuidanceEmbedder(hidden_size)
 
     def initialize_weights(self) -> None:
         """adaLN-Zero initialisation (paper Sec. 3.2): every block starts as the identity, the output as zero."""
@@ -234,14 +267,18 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"DiT expects x of shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        if (s is None) != (self.guidance_embedder is None):
+            raise ValueError("the guidance scale s must be given exactly when the model has a guidance embedding")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        if self.guidance_embedder is not None:
+            c = c + self.guidance_embedder(s)
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_checkpoint:

@@ -7,7 +7,6 @@ results as one JSON line, which is also written to `evaluate.output`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +18,9 @@ from metrics.inception_score import class_probabilities, inception_score
 from metrics.npz import inspect_npz
 from metrics.precision_recall import precision_recall
 from metrics.reference import reference_statistics
+from phases.generation import output_root
 from runtime import distributed as dist
+from runtime.atomic_file import write_text_atomic
 from runtime.console import MetricsLog, info
 
 REFERENCE_HELP = (
@@ -29,16 +30,16 @@ REFERENCE_HELP = (
 
 
 def samples_path(cfg: DictConfig) -> Path:
-    """evaluate.samples, else inference.output, else <experiment_dir>/inference/samples.npz."""
+    """evaluate.samples, else inference.output, else <run or student stage folder>/inference/samples.npz."""
     path = cfg.evaluate.samples or cfg.inference.output
-    return Path(path) if path else Path(cfg.experiment_dir) / "inference" / "samples.npz"
+    return Path(path) if path else output_root(cfg, "inference") / "inference" / "samples.npz"
 
 
 def output_path(cfg: DictConfig, samples: Path) -> Path:
-    """evaluate.output, else <experiment_dir>/eval/<samples stem>.json."""
+    """evaluate.output, else <run or student stage folder>/eval/<samples stem>.json."""
     if cfg.evaluate.output:
         return Path(cfg.evaluate.output)
-    return Path(cfg.experiment_dir) / "eval" / f"{samples.stem}.json"
+    return output_root(cfg, "inference") / "eval" / f"{samples.stem}.json"
 
 
 def reference_cache_dir(cfg: DictConfig) -> Path:
@@ -107,10 +108,7 @@ def format_table(results: dict) -> str:
 
 
 def _write_json(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(results, indent=2) + "\n")
 
 
 def run(cfg: DictConfig, feature_extractor: Optional[FeatureExtractor] = None) -> dict:

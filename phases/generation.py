@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -15,12 +16,12 @@ from PIL import Image
 from omegaconf import DictConfig
 
 from datasets.autoencoder import load_autoencoder
-from diffusion.guidance import guided_model_fn
 from diffusion.noise import per_row_noise
-from diffusion.sampler import build_sampler
+from methods import generation_sampler
 from models import create_model
 from models.pretrained import extract_state_dict, load_pretrained
-from runtime.checkpoint import load_checkpoint
+from runtime.checkpoint import load_checkpoint, resolve_checkpoint
+from runtime.config import sampler_settings
 from runtime.console import info
 from runtime.precision import autocast
 from runtime.model_spec import check_same_model, model_args_from_config
@@ -33,7 +34,7 @@ class Generator:
 
     model: torch.nn.Module
     autoencoder: object
-    sampler: object
+    sample: Callable  # sample(noise, y, generators, progress) -> latents, from the checkpoint's method
     model_args: dict
     settings: DictConfig
     device: torch.device
@@ -46,21 +47,22 @@ class Generator:
     @torch.no_grad()
     def images(self, labels: torch.Tensor, seeds: list[int], progress: bool = False) -> torch.Tensor:
         """uint8 images [B, H, W, C] for `labels`, image b from generator seed `seeds[b]`."""
+        return to_uint8(self.decode(self.latents(labels, seeds, progress)))
+
+    @torch.no_grad()
+    def latents(self, labels: torch.Tensor, seeds: list[int], progress: bool = False) -> torch.Tensor:
+        """float32 latents [B, C, h, w] for `labels`, latent b from generator seed `seeds[b]`."""
         device = self.device
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         noise = per_row_noise((len(seeds), *self.latent_shape), generators, device)
         y = labels.to(device=device, dtype=torch.long)
-        fn = guided_model_fn(
-            self.model,
-            y,
-            float(self.settings.cfg_scale),
-            self.model_args["num_classes"],
-            all_channels=bool(self.settings.cfg_all_channels),
-        )
         with autocast(device, self.settings.precision):
-            latents = self.sampler(fn, noise, generators=generators, progress=progress)
-        pixels = self.autoencoder.decode(latents.float() / self.autoencoder.scale_factor)
-        return to_uint8(pixels)
+            return self.sample(noise, y, generators, progress).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels in [-1, 1] through the autoencoder."""
+        return self.autoencoder.decode(latents.float() / self.autoencoder.scale_factor)
 
 
 def to_pil(image: torch.Tensor | np.ndarray) -> Image.Image:
@@ -74,12 +76,22 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     return torch.clamp(127.5 * pixels.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def load_generator(cfg: DictConfig, ckpt_path: Path, settings: DictConfig, use_ema: bool, device: torch.device) -> Generator:
-    """Build the model from a checkpoint (ours or a published DiT one), the autoencoder and the sampler."""
-    torch.backends.cuda.matmul.allow_tf32 = True  # as DiT's sample_ddp.py (tf32 on by default)
-    torch.backends.cudnn.allow_tf32 = True
+@dataclass
+class LoadedModel:
+    """A model built from a checkpoint, with what was stored beside its weights."""
+
+    model: torch.nn.Module
+    model_args: dict
+    autoencoder: str
+    scale_factor: float | None
+    meta: dict  # the checkpoint's entries other than weights (method, distill, config, ...); {} if published
+    weights: str = "EMA"  # which weights were loaded: "EMA" or "raw"
+
+
+def load_model(cfg: DictConfig, ckpt_path: Path, use_ema: bool) -> LoadedModel:
+    """Build the model of a checkpoint (ours or a published DiT one) on the CPU, weights loaded strictly."""
     state = load_checkpoint(ckpt_path)
-    if isinstance(state, dict) and "model_args" in state:  # our training checkpoint
+    if isinstance(state, dict) and "model_args" in state:  # our checkpoint
         margs = dict(state["model_args"])
         margs["class_dropout_prob"] = margs.get("class_dropout_prob", cfg.model.class_dropout_prob)
         ae_name, scale = state["autoencoder"]["name"], state["autoencoder"]["scale_factor"]
@@ -90,30 +102,54 @@ def load_generator(cfg: DictConfig, ckpt_path: Path, settings: DictConfig, use_e
         if ae_name != "identity":
             ae_name = cfg.autoencoder.name  # the SD-VAE decoders (ema/mse) are interchangeable (DiT README)
         model = create_model(**margs)
-        weights = extract_state_dict(state, prefer_ema=use_ema)
-        model.load_state_dict(weights)
+        model.load_state_dict(extract_state_dict(state, prefer_ema=use_ema))
+        check_same_model(state["model_args"], margs, str(ckpt_path))
+        meta = {k: v for k, v in state.items() if k not in _WEIGHT_ENTRIES}
+        weights = "EMA" if use_ema and "ema" in state else "raw"
     else:  # a published DiT checkpoint: geometry from the config (or the cache)
         margs = model_args_from_config(cfg)
         model = create_model(**margs)
         load_pretrained(model, ckpt_path, prefer_ema=use_ema)
-        ae_name, scale = cfg.autoencoder.name, cfg.autoencoder.scale_factor
-    if "model_args" in state:
-        check_same_model(state["model_args"], margs, str(ckpt_path))
+        ae_name, scale, meta = cfg.autoencoder.name, cfg.autoencoder.scale_factor, {}
+        weights = "EMA" if use_ema else "raw"
     del state
-    model.to(device).eval()
-    if settings.compile:
-        model = torch.compile(model)
-    autoencoder = load_autoencoder(ae_name, device, scale_factor=scale)
-    sampler = build_sampler(
-        settings.sampler,
-        settings.steps,
-        num_steps=cfg.diffusion.num_steps,
-        schedule=cfg.diffusion.schedule,
-        learn_sigma=margs["learn_sigma"],
-        eta=settings.eta,
-    )
+    return LoadedModel(model, margs, ae_name, scale, meta, weights)
+
+
+_WEIGHT_ENTRIES = ("model", "ema", "optimizer", "optimizers", "scaler", "rng")
+
+
+def load_generator(cfg: DictConfig, ckpt_path: Path, settings: DictConfig, use_ema: bool, device: torch.device) -> Generator:
+    """Build the model from a checkpoint, the autoencoder, and the sampler of the checkpoint's method."""
+    torch.backends.cuda.matmul.allow_tf32 = True  # as DiT's sample_ddp.py (tf32 on by default)
+    torch.backends.cudnn.allow_tf32 = True
+    loaded = load_model(cfg, ckpt_path, use_ema)
+    model = loaded.model.to(device).eval()
+    net = torch.compile(model) if settings.compile else model
+    sample = generation_sampler(cfg, net, loaded.model_args, loaded.meta, settings)
+    autoencoder = load_autoencoder(loaded.autoencoder, device, scale_factor=loaded.scale_factor)
     info(
-        f"loaded {margs['name']} from {ckpt_path} ({'EMA' if use_ema else 'raw'} weights); "
-        f"sampler {settings.sampler} x {settings.steps} steps, cfg scale {settings.cfg_scale}, {settings.precision}"
+        f"loaded {loaded.model_args['name']} from {ckpt_path} ({loaded.weights} weights); "
+        f"sampler {describe_sampler(loaded.meta, settings)}, {settings.precision}"
     )
-    return Generator(model, autoencoder, sampler, margs, settings, device)
+    return Generator(model, autoencoder, sample, loaded.model_args, settings, device)
+
+
+def output_root(cfg: DictConfig, phase: str) -> Path:
+    """Where `phase` (sample, inference; evaluate reads inference's) writes by default: the run folder,
+    or for a distilled student of this run its stage folder, so students never overwrite the teacher's files."""
+    settings = sampler_settings(cfg, phase)
+    if settings.sampler != "distilled":
+        return Path(cfg.experiment_dir)
+    ckpt = resolve_checkpoint(cfg.ckpt, cfg.experiment_dir, settings.sampler, settings.steps).resolve()
+    distill = (Path(cfg.experiment_dir) / "distill").resolve()
+    if ckpt.parent.name == "checkpoints" and ckpt.parent.parent.parent == distill:
+        return Path(cfg.experiment_dir) / "distill" / ckpt.parent.parent.name
+    return Path(cfg.experiment_dir)
+
+
+def describe_sampler(meta: dict, settings: DictConfig) -> str:
+    if "distill" in meta:
+        steps, scale = meta["distill"]["steps"], settings.cfg_scale
+        return f"distilled x {steps} steps (one forward each), cfg scale {scale} folded into the student"
+    return f"{settings.sampler} x {settings.steps} steps, cfg scale {settings.cfg_scale}"

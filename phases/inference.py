@@ -9,16 +9,16 @@ streaming, never holding all images in memory.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from phases.generation import load_generator, to_pil
+from phases.generation import load_generator, output_root, to_pil
 from phases.npz_writer import write_npz
 from runtime import distributed as dist
+from runtime.atomic_file import atomic_write, write_text_atomic
 from runtime.checkpoint import resolve_checkpoint
 from runtime.config import sampler_settings
 from runtime.console import info, progress_bar
@@ -27,7 +27,7 @@ PART_SUFFIX = ".part.npz"
 
 
 def output_path(cfg: DictConfig) -> Path:
-    return Path(cfg.inference.output or Path(cfg.experiment_dir) / "inference" / "samples.npz")
+    return Path(cfg.inference.output or output_root(cfg, "inference") / "inference" / "samples.npz")
 
 
 def sample_labels(num_samples: int, num_classes: int, seed: int, class_balanced: bool) -> torch.Tensor:
@@ -50,10 +50,8 @@ def finished_parts(parts_dir: Path) -> dict[Path, np.ndarray]:
 
 def _save_part(parts_dir: Path, indices: list[int], images: np.ndarray, labels: np.ndarray) -> None:
     path = parts_dir / f"{indices[0]:08d}-{len(indices):05d}{PART_SUFFIX}"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with atomic_write(path) as handle:
         np.savez(handle, images=images, labels=labels, indices=np.asarray(indices, dtype=np.int64))
-    os.replace(tmp, path)
 
 
 def _check_run_identity(parts_dir: Path, identity: dict) -> None:
@@ -69,7 +67,7 @@ def _check_run_identity(parts_dir: Path, identity: dict) -> None:
             )
     else:
         parts_dir.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps(identity, indent=1))
+        write_text_atomic(meta, json.dumps(identity, indent=1))
 
 
 def _rows_in_order(parts: dict[Path, np.ndarray], num_samples: int, field: str, chunk: int = 1024):
@@ -136,7 +134,7 @@ def _evaluation_extractor(cfg: DictConfig):
 def _generate(cfg: DictConfig, out: Path) -> None:
     ic = cfg.inference
     settings = sampler_settings(cfg, "inference")
-    ckpt = resolve_checkpoint(cfg.ckpt, cfg.experiment_dir)
+    ckpt = resolve_checkpoint(cfg.ckpt, cfg.experiment_dir, settings.sampler, settings.steps)
     generator = load_generator(cfg, ckpt, settings, cfg.sample.use_ema, dist.device())
     labels = sample_labels(ic.num_samples, generator.model_args["num_classes"], cfg.seed, ic.class_balanced)
     parts_dir = out.with_name(out.name + ".parts")

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torchvision.utils import make_grid
 
-from phases.generation import load_generator, to_pil
+from phases.generation import load_generator, output_root, to_pil
 from runtime import distributed as dist
 from runtime.checkpoint import resolve_checkpoint
 from runtime.config import sampler_settings
@@ -28,7 +28,7 @@ def run(cfg: DictConfig) -> Path | None:
         dist.barrier()
         return None
     settings = sampler_settings(cfg, "sample")
-    ckpt = resolve_checkpoint(cfg.ckpt, cfg.experiment_dir)
+    ckpt = resolve_checkpoint(cfg.ckpt, cfg.experiment_dir, settings.sampler, settings.steps)
     generator = load_generator(cfg, ckpt, settings, cfg.sample.use_ema, dist.device())
     classes = list(cfg.sample.classes)
     if not classes:
@@ -38,7 +38,7 @@ def run(cfg: DictConfig) -> Path | None:
         raise ValueError(f"sample.classes {bad} outside [0, {generator.model_args['num_classes'] - 1}]")
     labels = torch.tensor([c for c in classes for _ in range(cfg.sample.per_class)])
     seeds = [cfg.seed + i for i in range(len(labels))]
-    out = Path(cfg.sample.output or Path(cfg.experiment_dir) / "samples")
+    out = Path(cfg.sample.output or output_root(cfg, "sample") / "samples")
     out.mkdir(parents=True, exist_ok=True)
 
     chunks = []

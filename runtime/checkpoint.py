@@ -7,11 +7,12 @@ then renamed, so a crash while saving never leaves a broken latest checkpoint.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
+
+from runtime.atomic_file import atomic_write
 
 _NAME = re.compile(r"^(\d{7,})\.pt$")
 
@@ -46,18 +47,8 @@ def latest_checkpoint(experiment_dir: str | Path) -> Path | None:
 def save_checkpoint(state: dict, experiment_dir: str | Path, step: int, keep_last: int = 0) -> Path:
     """Atomically write `state` as step `step`, then delete all but the newest `keep_last`."""
     path = checkpoint_path(experiment_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    with atomic_write(path) as handle:
+        torch.save(state, handle)
     if keep_last > 0:
         for _, old in list_checkpoints(path.parent)[:-keep_last]:
             old.unlink(missing_ok=True)
@@ -75,13 +66,39 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"cannot read checkpoint {path}: {err}") from None
 
 
-def resolve_checkpoint(ckpt: str | None, experiment_dir: str | Path) -> Path:
-    """`ckpt` if given, else the latest in the run folder; never silently nothing."""
+def stage_dir(experiment_dir: str | Path, steps: int) -> Path:
+    """The folder of the distillation stage whose student samples in `steps` steps."""
+    return Path(experiment_dir) / "distill" / f"{steps:04d}_steps"
+
+
+def distilled_students(experiment_dir: str | Path) -> dict[int, tuple[Path, bool]]:
+    """steps -> (latest checkpoint of that stage, whether the stage finished) for every stage with a checkpoint."""
+    found = {}
+    root = Path(experiment_dir) / "distill"
+    for folder in sorted(root.glob("*_steps")) if root.is_dir() else []:
+        match = re.match(r"^(\d+)_steps$", folder.name)
+        latest = latest_checkpoint(folder) if match else None
+        if latest is not None:
+            found[int(match.group(1))] = (latest, (folder / STAGE_FINISHED).is_file())
+    return found
+
+
+STAGE_FINISHED = "stage.json"  # written when a stage has been trained and measured
+
+
+def resolve_checkpoint(ckpt: str | None, experiment_dir: str | Path, sampler: str | None = None, steps: int = 0) -> Path:
+    """`ckpt` if given, else the latest in the run folder; never silently nothing.
+
+    With sampler "distilled": the student of the `steps`-step stage, or (steps 0) of the last
+    finished stage.
+    """
     if ckpt:
         path = Path(ckpt)
         if not path.is_file():
             raise FileNotFoundError(f"ckpt={ckpt}: no such checkpoint file")
         return path
+    if sampler == "distilled":
+        return _student_checkpoint(experiment_dir, steps)
     latest = latest_checkpoint(experiment_dir)
     if latest is None:
         raise FileNotFoundError(
@@ -90,14 +107,20 @@ def resolve_checkpoint(ckpt: str | None, experiment_dir: str | Path) -> Path:
     return latest
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _student_checkpoint(experiment_dir: str | Path, steps: int) -> Path:
+    students = distilled_students(experiment_dir)
+    if steps:
+        if steps not in students:
+            have = ", ".join(str(n) for n in sorted(students, reverse=True)) or "none"
+            raise FileNotFoundError(
+                f"no {steps}-step student in {Path(experiment_dir) / 'distill'} (students with a checkpoint: {have}); "
+                "run -p distill, or pass ckpt=PATH"
+            )
+        return students[steps][0]
+    finished = [n for n, (_, done) in students.items() if done]
+    if not finished:
+        raise FileNotFoundError(
+            f"no finished distillation stage in {Path(experiment_dir) / 'distill'}: run -p distill first, "
+            "choose a stage with steps=N, or pass ckpt=PATH"
+        )
+    return students[min(finished)][0]

@@ -15,7 +15,9 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-PHASES = ("extract", "train", "sample", "inference", "evaluate")
+from runtime.atomic_file import write_text_atomic
+
+PHASES = ("extract", "train", "sample", "inference", "evaluate", "distill")
 SAMPLER_KEYS = ("sampler", "steps", "cfg_scale", "eta", "cfg_all_channels", "precision", "compile")
 
 
@@ -31,6 +33,7 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     grad_checkpointing: bool = False
     init_from: Optional[str] = None  # a checkpoint to initialise training from (fine-tuning)
+    method: str = "diffusion"  # the training method of `train` (methods/): diffusion = IDDPM as DiT
 
 
 @dataclass
@@ -95,7 +98,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | cosine
+    lr_schedule: str = "constant"  # constant | cosine | linear (to min_lr at max_steps)
     min_lr: float = 0.0
     max_grad_norm: float = 0.0  # 0: no clipping (the grad norm is still logged)
     ema_decay: float = 0.9999
@@ -110,6 +113,39 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Progressive distillation (`-p distill`): the teacher's DDIM with start_steps -> students with
+    start_steps/2, ..., end_steps steps, one stage per halving (Salimans & Ho 2022)."""
+
+    teacher: Optional[str] = None  # a checkpoint (ours or published DiT); default: latest of experiment_dir
+    use_teacher_ema: bool = True
+    start_steps: int = 1024  # the teacher's DDIM steps that the first student halves (a power of two)
+    end_steps: int = 1  # the last student's steps (a power of two, < start_steps)
+    iters_per_stage: int = 50_000
+    first_stage_iters: Optional[int] = None  # the first stage also learns the new head and the guidance: more updates
+    batch_size: int = 2048  # global, over processes and accumulation steps
+    grad_accum: int = 1
+    lr: float = 1e-4  # Adam, linearly annealed to 0 within each stage
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.0  # 0: no EMA of the student (as released)
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    compile: bool = False
+    parameterization: str = "v"  # v | x | eps: how the student's first C output channels are read
+    loss_weight: str = "snr_trunc"  # snr_trunc (max(SNR, 1)) | snr_plus_one (v-MSE)
+    cfg_scale: float = 1.0  # guidance folded into the student (DiT's convention, 1 = none)
+    cfg_range: Optional[List[float]] = None  # [lo, hi]: a scale-conditioned student (cfg_scale: its grids)
+    cfg_all_channels: bool = False  # guide every latent channel, not DiT's first 3
+    ckpt_every: int = 5000
+    keep_last: int = 2
+    log_every: int = 100
+    progress: bool = True
+    eval_samples: int = 64  # images per stage for the student-vs-teacher latent MSE
+
+
+@dataclass
 class WandbConfig:
     mode: str = "disabled"  # online | offline | disabled
     project: str = "dit"
@@ -121,8 +157,8 @@ class WandbConfig:
 class SampleConfig:
     classes: List[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
     per_class: int = 1
-    sampler: str = "ddpm"  # ddpm | ddim | dpm++ | unipc | euler | diffusers-ddim
-    steps: int = 250
+    sampler: str = "ddpm"  # ddpm | ddim | dpm++ | unipc | euler | diffusers-ddim | distilled (students of -p distill)
+    steps: int = 250  # distilled: 0 = the student's own step count
     cfg_scale: float = 4.0
     eta: float = 0.0  # DDIM eta
     cfg_all_channels: bool = False  # DiT guides only latent channels 0-2
@@ -174,6 +210,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -220,15 +257,22 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         if "=" not in item:
             raise ConfigError(f"command line: override '{item}' is not of the form a.b=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"command line override '{item}'")
+    try:
+        OmegaConf.resolve(cfg)  # ${a.b} interpolations take their final values once, here
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: cannot resolve an interpolation: {str(err).splitlines()[0]}") from None
     _validate(cfg)
     return cfg
 
 
 _CHOICES = {
     "train.precision": ("bf16", "fp16", "fp32"),
+    "distill.precision": ("bf16", "fp16", "fp32"),
+    "distill.parameterization": ("v", "x", "eps"),
+    "distill.loss_weight": ("snr_trunc", "snr_plus_one"),
     "sample.precision": ("bf16", "fp16", "fp32"),
     "extract.precision": ("bf16", "fp32"),
-    "train.lr_schedule": ("constant", "cosine"),
+    "train.lr_schedule": ("constant", "cosine", "linear"),
     "diffusion.schedule": ("linear", "cosine"),
     "wandb.mode": ("online", "offline", "disabled"),
     "data.source": ("folder", "digits"),
@@ -242,9 +286,38 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
     if cfg.inference.precision is not None and cfg.inference.precision not in _CHOICES["sample.precision"]:
         raise ConfigError(f"inference.precision={cfg.inference.precision!r} is not one of bf16, fp16, fp32")
-    for key in ("train.batch_size", "train.max_steps", "train.grad_accum", "train.ckpt_every", "train.log_every"):
+    for key in ("train.batch_size", "train.max_steps", "train.grad_accum", "train.ckpt_every", "train.log_every",
+                "distill.batch_size", "distill.iters_per_stage", "distill.grad_accum", "distill.ckpt_every",
+                "distill.log_every", "distill.eval_samples"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
+    _validate_distill(cfg.distill)
+
+
+def _validate_distill(dc: DictConfig) -> None:
+    for key in ("start_steps", "end_steps"):
+        value = dc[key]
+        if value < 1 or value & (value - 1):
+            raise ConfigError(f"distill.{key}={value} must be a power of two (1, 2, 4, ...)")
+    if dc.end_steps >= dc.start_steps:
+        raise ConfigError(
+            f"distill.end_steps={dc.end_steps} must be smaller than distill.start_steps={dc.start_steps} "
+            "(each stage halves the number of sampling steps)"
+        )
+    if dc.first_stage_iters is not None and dc.first_stage_iters < 1:
+        raise ConfigError(f"distill.first_stage_iters={dc.first_stage_iters} must be at least 1 (or null)")
+    if dc.cfg_scale < 0:
+        raise ConfigError(f"distill.cfg_scale={dc.cfg_scale} must be >= 0")
+    if dc.cfg_range is not None:
+        low_high = list(dc.cfg_range)
+        if len(low_high) != 2 or not 0 <= low_high[0] < low_high[1]:
+            raise ConfigError(f"distill.cfg_range={low_high} must be [lo, hi] with 0 <= lo < hi")
+        if not low_high[0] <= dc.cfg_scale <= low_high[1]:
+            raise ConfigError(
+                f"distill.cfg_scale={dc.cfg_scale} (the scale of the stage grids) must lie in distill.cfg_range={low_high}"
+            )
+    if not 0 <= dc.ema_decay < 1:
+        raise ConfigError(f"distill.ema_decay={dc.ema_decay} must be in [0, 1) (0: no EMA)")
 
 
 def sampler_settings(cfg: DictConfig, phase: str) -> DictConfig:
@@ -260,10 +333,7 @@ def sampler_settings(cfg: DictConfig, phase: str) -> DictConfig:
 
 def save_config(cfg: DictConfig, path: Path) -> None:
     """Write the resolved config (what actually ran) next to the run's outputs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def to_container(cfg: DictConfig) -> dict:

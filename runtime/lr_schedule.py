@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warmup, then constant or cosine decay to `min_lr`."""
+"""Learning-rate schedule: linear warmup, then constant, cosine or linear decay to `min_lr`."""
 from __future__ import annotations
 
 import math
@@ -10,8 +10,10 @@ def learning_rate(step: int, base_lr: float, warmup_steps: int, schedule: str, m
         return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return base_lr
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
     if schedule == "cosine":
-        span = max(1, max_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
         return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"train.lr_schedule={schedule!r} is not one of constant, cosine")
+    if schedule == "linear":  # progressive distillation anneals each stage linearly to 0
+        return min_lr + (base_lr - min_lr) * (1.0 - progress)
+    raise ValueError(f"lr_schedule={schedule!r} is not one of constant, cosine, linear")

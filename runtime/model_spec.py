@@ -73,7 +73,12 @@ def model_args_from_config(cfg: DictConfig) -> dict:
 
 def check_same_model(stored: dict, current: dict, source: str) -> None:
     """Resuming or fine-tuning with a different architecture or latent shape is an error."""
-    keys = ("name", "input_size", "in_channels", "num_classes", "learn_sigma")
-    diffs = [f"{k}: {stored.get(k)} in {source}, {current.get(k)} now" for k in keys if stored.get(k) != current.get(k)]
+    keys = ("name", "input_size", "in_channels", "num_classes", "learn_sigma", "guidance_embedding")
+    defaults = {"guidance_embedding": False}  # absent from checkpoints written before it existed
+    diffs = [
+        f"{k}: {stored.get(k, defaults.get(k))} in {source}, {current.get(k, defaults.get(k))} now"
+        for k in keys
+        if stored.get(k, defaults.get(k)) != current.get(k, defaults.get(k))
+    ]
     if diffs:
         raise ValueError(f"{source} was made for a different model or latent shape: " + "; ".join(diffs))

@@ -5,6 +5,7 @@
     python scripts/benchmark_sampling.py -c configs/imagenet_256/dit_xl2.yaml --no-decode sample.precision=fp32
     python scripts/benchmark_sampling.py -c configs/imagenet_256/dit_xl2.yaml autoencoder.name=vae-ema ckpt=DiT-XL-2-256x256.pt
     python scripts/benchmark_sampling.py -c configs/demo/digits.yaml --images 160
+    python scripts/benchmark_sampling.py -c configs/imagenet_256/dit_xl2.yaml --random-vae --distilled 4 sample.cfg_scale=1.5
 
 The model is model.name with random weights, saved to a temporary file in the published DiT format
 (a bare state dict), so load_generator builds it the way it builds DiT-XL-2-256x256.pt: geometry
@@ -21,6 +22,11 @@ downloadable; otherwise pass autoencoder.name=<folder saved with save_pretrained
 --random-vae (a randomly initialised VAE of the SD-VAE architecture: same speed), or --no-decode
 (the generator gets the identity autoencoder, so only the sampler is timed). The last line
 printed is "<img/s> img/s".
+
+--distilled N times the sampler of a distilled N-step student made from the same model (the
+checkpoint layout `-p distill` writes, with sample.cfg_scale folded in): one forward per step and
+image, no CFG doubling. Compare it with the teacher's sampler (e.g. sample.sampler=ddpm
+sample.steps=250 sample.cfg_scale=1.5) on the same config.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import create_model  # noqa: E402
-from phases.generation import load_generator  # noqa: E402
+from phases.generation import load_generator, load_model  # noqa: E402
 from runtime import distributed as dist  # noqa: E402
 from runtime.config import load_config, sampler_settings  # noqa: E402
 from runtime.model_spec import model_args_from_config  # noqa: E402
@@ -62,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-c", "--config", required=True, help="experiment YAML under configs/")
     parser.add_argument("overrides", nargs="*", metavar="a.b=value", help="config overrides, as for main.py")
     parser.add_argument("--images", type=int, default=128, help="images timed after the warm-up batch (default 128)")
+    parser.add_argument("--distilled", type=int, default=0, metavar="N",
+                        help="time a distilled N-step student of the same model (sampler 'distilled')")
     decode = parser.add_mutually_exclusive_group()
     decode.add_argument("--no-decode", action="store_true", help="time the sampler only (identity autoencoder)")
     decode.add_argument("--random-vae", action="store_true",
@@ -69,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error("--images must be at least 1")
+    if args.distilled < 0:
+        parser.error("--distilled must be a positive step count")
     return args
 
 
@@ -119,6 +129,21 @@ def prepare(cfg, args: argparse.Namespace, folder: Path) -> tuple[Path, str]:
     return path, decoder
 
 
+def save_as_student(cfg, ckpt: Path, steps: int, path: Path) -> Path:
+    """The model of `ckpt` in the layout of a distilled `steps`-step student with sample.cfg_scale folded in."""
+    loaded = load_model(cfg, ckpt, use_ema=True)
+    torch.save({
+        "model": loaded.model.state_dict(),
+        "model_args": {**loaded.model_args, "guidance_embedding": False},
+        "autoencoder": {"name": loaded.autoencoder, "scale_factor": loaded.scale_factor},
+        "method": "distill",
+        "distill": {"steps": steps, "parameterization": "v", "cfg_scale": float(cfg.sample.cfg_scale),
+                    "cfg_range": None, "cfg_all_channels": False, "schedule": cfg.diffusion.schedule,
+                    "num_steps": cfg.diffusion.num_steps},
+    }, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -129,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="benchmark_sampling_") as tmp:
         try:
             ckpt, decoder = prepare(cfg, args, Path(tmp))
+            if args.distilled:
+                ckpt = save_as_student(cfg, ckpt, args.distilled, Path(tmp) / "student.pt")
+                settings.sampler, settings.steps = "distilled", args.distilled
             generator = load_generator(cfg, ckpt, settings, cfg.sample.use_ema, device)
         except (OSError, ValueError) as err:
             raise SystemExit(f"error: {err}\n(no autoencoder weights here? try --random-vae or --no-decode)")
@@ -148,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - start
     rate = batches * batch / seconds
 
-    guided = float(settings.cfg_scale) != 1.0
+    guided = float(settings.cfg_scale) != 1.0 and not args.distilled
     print(f"{margs['name']} ({sum(p.numel() for p in generator.model.parameters()):,} parameters), latent "
           f"{margs['in_channels']}x{margs['input_size']}x{margs['input_size']}, {device}; sampler {settings.sampler} "
           f"x {settings.steps} steps, cfg scale {settings.cfg_scale} ({'2 rows' if guided else '1 row'} per image "

@@ -113,3 +113,12 @@ def test_sampling_without_decoding(tmp_path):
     assert rate > 0
     assert "latent 4x32x32" in out and "decoder: none" in out
     assert not list(temp.iterdir()), "the random checkpoint was left behind"
+
+
+def test_sampling_a_distilled_student_of_the_same_model(tmp_path):
+    out, rate, temp = run_script("benchmark_sampling", [
+        "-c", str(IMAGENET), "model.name=DiT-T/8", "sample.cfg_scale=1.5", "sample.batch_size=2", "--no-decode",
+        "--distilled", "4", "--images", "2"], tmp_path)
+    assert rate > 0
+    assert "sampler distilled x 4 steps" in out and "(1 row per image per forward)" in out
+    assert not list(temp.iterdir()), "the student checkpoint was left behind"

@@ -78,7 +78,7 @@ def test_killed_torchrun_training_resumes_to_the_same_result(cache, tmp_path):
     for key in ("model", "ema"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizers"]["model"]["state"].values(), b["optimizers"]["model"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     # the logged loss curve continues exactly: the last logged losses agree
     last = lambda d: [l for l in (d / "logs/train.jsonl").read_text().splitlines() if '"loss"' in l][-1]

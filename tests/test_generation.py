@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.guidance import guided_model_fn
 from diffusion.noise import per_row_noise
 from diffusion.sampler import SAMPLERS
 from models import create_model
@@ -41,8 +40,7 @@ def test_every_sampler_gives_finite_images(published, tmp_path, name):
     labels = torch.tensor([1, 2])
     gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
     noise = per_row_noise((2, 3, 16, 16), gens, "cpu")
-    fn = guided_model_fn(generator.model, labels, 2.0, 10)
-    latents = generator.sampler(fn, noise, generators=gens)
+    latents = generator.sample(noise, labels, gens, False)
     assert latents.shape == noise.shape and torch.isfinite(latents).all()
     assert not torch.equal(latents, noise)
     images = generator.images(labels, [0, 1])

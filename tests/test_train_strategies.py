@@ -45,10 +45,10 @@ def test_resume_keeps_the_loss_history(cache, tmp_path):
     full = load_checkpoint(train.run(cfg_for(cache, tmp_path / "full", "train.max_steps=6", *strategy)))
     train.run(cfg_for(cache, tmp_path / "split", "train.max_steps=4", *strategy))
     resumed = load_checkpoint(train.run(cfg_for(cache, tmp_path / "split", "train.max_steps=6", *strategy)))
-    history = full["timesteps"]
+    history = full["method_state"]["timesteps"]
     assert any(torch.is_tensor(v) and v.numel() > 1 and v.abs().sum() > 0 for v in history.values())
     for key, value in history.items():
-        other = resumed["timesteps"][key]
+        other = resumed["method_state"]["timesteps"][key]
         assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
     for name, tensor in full["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name

@@ -1,0 +1,55 @@
+"""The seam between the training loop and a training method.
+
+The loop (runtime/training_loop.py) owns everything every method shares: data order, DDP,
+precision, gradient accumulation and clipping, EMA, checkpoints, exact resume, the NaN stop and
+logging. A method owns only what differs: its trainable modules, its objectives (one optimizer
+each), the loss of a micro-batch, and any state that must survive a resume. Sampling from a
+method's checkpoints is in the same module (see methods/__init__.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One optimizer and what it updates; the loop steps objectives in list order, every step.
+
+    `modules` names entries of Method.modules(). `lr_scale` multiplies the scheduled learning rate
+    (a GAN's discriminator may learn faster than its generator).
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    lr_scale: float = 1.0
+
+
+class Method(Protocol):
+    """What a training method gives the loop."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Trainable modules by name; "model" is the network that is EMA-averaged and sampled."""
+
+    def objectives(self) -> list[Objective]:
+        """The optimizers to build and step, in order."""
+
+    def loss(
+        self, objective: str, nets: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scalar loss to minimise, detached scalar metrics to log) for one micro-batch.
+
+        `nets` are the modules as the loop wrapped them (DDP, torch.compile): call those, not
+        modules(). `generator` is a CPU generator seeded by (seed, step, micro-batch, rank); the
+        global torch RNG is seeded by (seed, step, rank) before every step, so `torch.randn` on
+        the device is reproducible too.
+        """
+
+    def state_dict(self) -> dict:
+        """Extra state for checkpoints (plain tensors and python values)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned."""

@@ -1,0 +1,79 @@
+"""The IDDPM method DiT trains with: epsilon prediction, learned-range variance, hybrid loss.
+
+Timesteps and loss weights come from the configured strategy (uniform, SpeeD and the baselines,
+diffusion/timesteps/); sampling uses DDPM, DDIM or a diffusers scheduler with DiT's
+classifier-free guidance.
+"""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from diffusion import create_diffusion
+from diffusion.guidance import guided_model_fn
+from diffusion.sampler import build_sampler
+from diffusion.timesteps import build_timestep_strategy
+from methods.base import Objective
+
+
+class DiffusionMethod:
+    """L = w(t) * ||eps - eps_hat||^2 + L_vb (learned sigma), t from the timestep strategy."""
+
+    def __init__(self, model: nn.Module, diffusion, strategy):
+        self.model = model
+        self.diffusion = diffusion
+        self.strategy = strategy
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def objectives(self) -> list[Objective]:
+        return [Objective("model", ("model",))]
+
+    def loss(self, objective, nets, x, y, generator):
+        ts = self.strategy.sample(x.shape[0], generator)
+        terms = self.diffusion.training_losses(
+            nets["model"], x, ts.t, model_kwargs={"y": y}, mse_weights=ts.mse_weight, vb_weights=ts.vb_weight
+        )
+        raw = terms["mse"].detach() + (terms["vb"].detach() if "vb" in terms else 0.0)
+        self.strategy.update(ts.t, raw)  # the loss-aware sampler's history (a no-op for the others)
+        loss = terms["loss"].float().mean()
+        return loss, {"loss": loss.detach()}
+
+    def state_dict(self) -> dict:
+        return {"timesteps": self.strategy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.strategy.load_state_dict(state["timesteps"])
+
+
+def build(cfg: DictConfig, model: nn.Module, device: torch.device) -> DiffusionMethod:
+    """The training method for `train` with model.method=diffusion."""
+    diffusion = create_diffusion(cfg.diffusion.num_steps, cfg.diffusion.schedule, learn_sigma=model.learn_sigma)
+    strategy = build_timestep_strategy(cfg.diffusion.timesteps, diffusion, device)
+    return DiffusionMethod(model, diffusion, strategy)
+
+
+def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, checkpoint: dict, settings: DictConfig):
+    """sample(noise, y, generators, progress) -> latents, for DiT checkpoints (ours or published)."""
+    if settings.sampler == "distilled":
+        raise ValueError(
+            "sample.sampler=distilled needs a distilled student checkpoint (from -p distill); this checkpoint is "
+            "a diffusion model: use ddpm, ddim, dpm++, unipc, euler or diffusers-ddim"
+        )
+    sampler = build_sampler(
+        settings.sampler,
+        settings.steps,
+        num_steps=cfg.diffusion.num_steps,
+        schedule=cfg.diffusion.schedule,
+        learn_sigma=model_args["learn_sigma"],
+        eta=settings.eta,
+    )
+    scale, all_channels, num_classes = float(settings.cfg_scale), bool(settings.cfg_all_channels), model_args["num_classes"]
+
+    def sample(noise: torch.Tensor, y: torch.Tensor, generators, progress: bool) -> torch.Tensor:
+        fn = guided_model_fn(model, y, scale, num_classes, all_channels=all_channels)
+        return sampler(fn, noise, generators=generators, progress=progress)
+
+    return sample

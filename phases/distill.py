@@ -1,0 +1,219 @@
+"""The `distill` phase: progressive distillation of a trained DiT into few-step samplers.
+
+Stages start_steps -> start_steps/2 -> ... -> end_steps: the stage with N steps trains a student
+(a copy of its teacher) to do in one DDIM step what its teacher does in two, then becomes the next
+stage's teacher (Salimans & Ho 2022; methods/distill.py). Every stage runs the shared training
+loop, so DDP, precision, checkpoints and exact resume are those of `train`; a finished stage is
+not redone. Per stage: `<experiment_dir>/distill/NNNN_steps/` holds its checkpoints, grid.png
+(student next to teacher) and stage.json (latent MSEs); at the end distill/steps_vs_quality.png.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from datasets.autoencoder import load_autoencoder
+from datasets.latent_cache import LatentDataset, read_cache_info
+from diffusion.continuous_schedule import ContinuousSchedule
+from diffusion.progressive_distillation import stage_step_counts
+from diffusion.schedule import get_beta_schedule
+from methods.distill import DistillMethod, Guidance, eps_teacher, make_student, student_denoiser
+from models.pretrained import extract_state_dict
+from phases.distill_report import StageEvaluator, write_quality_figure
+from phases.generation import load_model
+from phases.validation import holdout_split
+from runtime import distributed as dist
+from runtime import training_loop
+from runtime.checkpoint import latest_checkpoint, load_checkpoint, stage_dir
+from runtime.config import save_config, to_container
+from runtime.console import MetricsLog, info
+from runtime.data_stream import mix_seed
+from runtime.model_spec import check_cache_matches_config, check_same_model, model_args_from_cache
+
+TIME_MAPPING = "t in [0, 1] <-> teacher step T t - 1; log alpha_bar linear between steps; t = 0 is clean data"
+
+
+@dataclass
+class Teacher:
+    """What a stage distils from: its denoiser, and the architecture and weights its student copies."""
+
+    denoise: object
+    model_args: dict
+    weights: dict
+    source: str
+
+
+class StageLog:
+    """logs/distill.jsonl (and wandb) records, each tagged with the stage's step count."""
+
+    def __init__(self, log: MetricsLog, steps: int):
+        self.log_to, self.steps = log, steps
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.log_to.log(step, {"stage_steps": self.steps, **metrics})
+
+
+def run(cfg: DictConfig) -> Path:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    device = dist.device()
+    dc = cfg.distill
+    out_dir = Path(cfg.experiment_dir) / "distill"
+
+    # Guard rails: every input is checked before the first stage starts.
+    counts = stage_step_counts(dc.start_steps, dc.end_steps)
+    cache = read_cache_info(cfg.data.cache_path)
+    check_cache_matches_config(cfg, cache)
+    teacher_path = resolve_teacher(cfg)
+    loaded = load_teacher(cfg, teacher_path, cache)
+    guidance = Guidance(float(dc.cfg_scale), tuple(dc.cfg_range) if dc.cfg_range else None, bool(dc.cfg_all_channels))
+    check_guidance(guidance, loaded.model_args)
+    train_items, _ = holdout_split(cache["num_items"], cfg.data.holdout)
+    stage_settings(cfg, 0, counts[0]).check(dist.world_size())
+    schedule = ContinuousSchedule(get_beta_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps))
+    original = loaded.model.to(device).eval().requires_grad_(False)
+    channels = loaded.model_args["in_channels"]
+    teacher_net = torch.compile(original) if dc.compile else original
+    original_denoise = eps_teacher(teacher_net, schedule, loaded.model_args["num_classes"], channels, guidance.all_channels)
+    evaluator = None
+    if dist.is_main():  # grids and MSEs are made on rank 0: load the autoencoder now, not after hours
+        autoencoder = load_autoencoder(cfg.autoencoder.name, device, scale_factor=float(cache["scale_factor"]))
+        size = loaded.model_args["input_size"]
+        evaluator = StageEvaluator(cfg, schedule, guidance.scale, autoencoder, loaded.model_args["num_classes"],
+                                   (channels, size, size), original_denoise, str(teacher_path), device)
+        save_config(cfg, Path(cfg.experiment_dir) / "config.distill.yaml")
+
+    dataset = LatentDataset(cfg.data.cache_path, sample_posterior=cfg.data.sample_posterior,
+                            random_flip=cfg.data.random_flip, in_memory=cfg.data.in_memory)
+    info(
+        f"distilling {loaded.model_args['name']} from {teacher_path}: {dc.start_steps} teacher steps -> "
+        f"{' -> '.join(map(str, counts))} student steps, {dc.iters_per_stage} updates per stage"
+        f"{f' ({dc.first_stage_iters} in the first)' if dc.first_stage_iters else ''}, global batch "
+        f"{dc.batch_size}, {guidance_text(guidance)}, {dc.parameterization}-prediction, {dc.loss_weight} weighting, "
+        f"{dist.world_size()} process(es), {device.type}, {dc.precision}"
+    )
+    teacher = Teacher(original_denoise, loaded.model_args, loaded.model.state_dict(), str(teacher_path))
+    base_metadata = {
+        "method": "distill",
+        "autoencoder": {"name": cache["autoencoder"], "scale_factor": float(cache["scale_factor"])},
+        "image_size": int(cache["image_size"]),
+        "config": to_container(cfg),
+    }
+    log = MetricsLog(cfg, "distill")
+    try:
+        for index, steps in enumerate(counts):
+            teacher = run_stage(cfg, index, steps, teacher, guidance, schedule, dataset, train_items, base_metadata,
+                                str(teacher_path), evaluator, log)
+    finally:
+        log.close()
+    if dist.is_main():
+        figure = write_quality_figure(out_dir, counts, dc.start_steps)
+        info(f"distillation finished: {dc.end_steps}-step student {teacher.source}; {figure}")
+    dist.barrier()
+    return Path(teacher.source)
+
+
+def run_stage(cfg, index: int, steps: int, teacher: Teacher, guidance: Guidance, schedule, dataset, items,
+              base_metadata: dict, original_path: str, evaluator, log: MetricsLog) -> Teacher:
+    """Train (or resume, or skip when finished) the N-step stage; evaluate it; return it as the next teacher."""
+    dc = cfg.distill
+    device = dist.device()
+    folder = stage_dir(cfg.experiment_dir, steps)
+    student, margs = make_student(teacher.model_args, teacher.weights, guidance.conditioned)
+    method = DistillMethod(student.to(device), teacher.denoise, schedule, steps, dc.parameterization,
+                           dc.loss_weight, guidance)
+    metadata = {
+        **base_metadata,
+        "model_args": margs,
+        "distill": {
+            "steps": steps, "teacher_steps": 2 * steps, "stage": index, "parameterization": dc.parameterization,
+            "loss_weight": dc.loss_weight, **guidance.as_dict(), "schedule": cfg.diffusion.schedule,
+            "num_steps": cfg.diffusion.num_steps, "time_mapping": TIME_MAPPING, "teacher": original_path,
+            "stage_teacher": teacher.source,
+        },
+    }
+    info(f"stage {index + 1}: {2 * steps} -> {steps} steps ({folder})")
+    started = time.perf_counter()
+    offset = sum(stage_iters(dc, i) for i in range(index))  # wandb steps keep rising over the stages
+    last = training_loop.run(stage_settings(cfg, index, steps), method, dataset, items, folder, metadata,
+                             StageLog(log, steps), log_offset=offset)
+    weights = extract_state_dict(load_checkpoint(last), prefer_ema=True)  # EMA when the student keeps one
+    student.load_state_dict(weights)
+    student.eval().requires_grad_(False)
+    student_denoise = student_denoiser(student, schedule, dc.parameterization, margs["in_channels"], guidance.conditioned)
+    if evaluator is not None:
+        metrics = evaluator.stage(steps, student_denoise, teacher.denoise, folder)
+        log.log(offset + stage_iters(dc, index), {"stage_steps": steps, **metrics})
+        info(
+            f"stage {steps} steps done in {time.perf_counter() - started:.0f} s: latent MSE to its teacher "
+            f"{metrics['mse_vs_teacher']:.4g}, to the {dc.start_steps}-step reference {metrics['mse_vs_reference']:.4g} "
+            f"(undistilled {steps}-step DDIM: {metrics['ddim_mse_vs_reference']:.4g}); {folder / 'grid.png'}"
+        )
+    dist.barrier()
+    return Teacher(student_denoise, margs, weights, str(last))
+
+
+def stage_iters(dc: DictConfig, index: int) -> int:
+    return dc.first_stage_iters if index == 0 and dc.first_stage_iters else dc.iters_per_stage
+
+
+def stage_settings(cfg: DictConfig, index: int, steps: int) -> training_loop.LoopSettings:
+    """The loop settings of one stage: distill.*, the LR annealed linearly to 0, a seed of its own."""
+    dc = cfg.distill
+    return training_loop.LoopSettings.from_config(
+        dc, seed=mix_seed(cfg.seed, steps), num_workers=cfg.data.num_workers, max_steps=stage_iters(dc, index),
+        lr_schedule="linear", desc=f"distill {steps} steps",
+    )
+
+
+def resolve_teacher(cfg: DictConfig) -> Path:
+    """distill.teacher, else the latest checkpoint of the run's training."""
+    if cfg.distill.teacher:
+        path = Path(cfg.distill.teacher)
+        if not path.is_file():
+            raise FileNotFoundError(f"distill.teacher={cfg.distill.teacher}: no such checkpoint file")
+        return path
+    latest = latest_checkpoint(cfg.experiment_dir)
+    if latest is None:
+        raise FileNotFoundError(
+            f"no teacher: {Path(cfg.experiment_dir) / 'checkpoints'} has no checkpoint; train first (-p train) "
+            "or set distill.teacher=PATH (one of our checkpoints or a published DiT checkpoint)"
+        )
+    return latest
+
+
+def load_teacher(cfg: DictConfig, path: Path, cache: dict):
+    """The teacher model, checked against the config's model, the cache and the diffusion schedule."""
+    loaded = load_model(cfg, path, use_ema=cfg.distill.use_teacher_ema)
+    if loaded.meta.get("method", "diffusion") != "diffusion":
+        raise ValueError(
+            f"{path} is a distilled student, not a diffusion model: distil from the trained DiT (or resume the "
+            "distillation run, which continues its stages by itself)"
+        )
+    check_same_model(loaded.model_args, model_args_from_cache(cfg, cache), f"the teacher {path}")
+    stored = (loaded.meta.get("config") or {}).get("diffusion") or {}
+    for key in ("num_steps", "schedule"):
+        if key in stored and stored[key] != cfg.diffusion[key]:
+            raise ValueError(
+                f"the teacher {path} was trained with diffusion.{key}={stored[key]} but the config has "
+                f"diffusion.{key}={cfg.diffusion[key]}: distil with the teacher's schedule"
+            )
+    return loaded
+
+
+def check_guidance(guidance: Guidance, model_args: dict) -> None:
+    if (guidance.scale != 1.0 or guidance.conditioned) and model_args.get("class_dropout_prob", 0.0) <= 0:
+        raise ValueError(
+            "classifier-free guidance needs a teacher trained with label dropout (a null class): the teacher has "
+            "model.class_dropout_prob=0, so set distill.cfg_scale=1 and no distill.cfg_range"
+        )
+
+
+def guidance_text(guidance: Guidance) -> str:
+    if guidance.conditioned:
+        return f"cfg scale drawn from {list(guidance.range)} (scale-conditioned student)"
+    return "no guidance" if guidance.scale == 1.0 else f"cfg scale {guidance.scale} folded into the student"

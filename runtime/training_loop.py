@@ -1,0 +1,330 @@
+"""One training loop for every method (IDDPM training, progressive distillation, ...).
+
+Written once: the data order, DDP, mixed precision, gradient accumulation and clipping, EMA,
+atomic checkpoints, exact resume, the NaN stop and logging. A method (methods/base.py) supplies
+its modules, objectives and the loss of a micro-batch.
+
+Exact resume: everything random in a step is seeded from (seed, step, rank) and the data order
+from (seed, step), so a run resumed from a checkpoint continues exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from methods.base import Method
+from runtime import distributed as dist
+from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from runtime.console import MetricsLog, format_metrics, info, progress_bar
+from runtime.data_stream import StreamBatchSampler, mix_seed
+from runtime.ema import create_ema, update_ema
+from runtime.lr_schedule import learning_rate
+from runtime.model_spec import check_same_model
+from runtime.precision import autocast
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/inf; the last good checkpoint is left as it was."""
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How to optimise; `train.*` for training, `distill.*` (one stage) for distillation."""
+
+    seed: int
+    batch_size: int  # global, over processes and accumulation steps
+    max_steps: int
+    lr: float
+    grad_accum: int = 1
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr: float = 0.0
+    max_grad_norm: float = 0.0  # 0: no clipping (the norm is still logged)
+    ema_decay: float = 0.0  # 0: no EMA
+    precision: str = "fp32"
+    compile: bool = False
+    ckpt_every: int = 1000
+    keep_last: int = 0
+    log_every: int = 100
+    eval_every: int = 0
+    progress: bool = True
+    num_workers: int = 0
+    desc: str = "train"
+
+    @classmethod
+    def from_config(cls, section, seed: int, num_workers: int, **overrides) -> "LoopSettings":
+        """From a config section that has these keys (train.*); `overrides` win."""
+        names = [name for name in cls.__dataclass_fields__ if name not in ("seed", "num_workers")]
+        values = {name: section[name] for name in names if name in section}
+        values["betas"] = tuple(values.get("betas", (0.9, 0.999)))
+        values.update(overrides)
+        return cls(seed=seed, num_workers=num_workers, **values)
+
+    def check(self, world_size: int) -> None:
+        """Settings that cannot work, named before any work starts."""
+        if self.batch_size % (self.grad_accum * world_size):
+            raise ValueError(
+                f"the global batch size {self.batch_size} must be divisible by grad_accum x processes = "
+                f"{self.grad_accum} x {world_size}"
+            )
+
+
+@dataclass
+class LoopState:
+    """The objects a checkpoint holds besides the method's modules."""
+
+    ema: Optional[nn.Module]
+    optimizers: dict
+    scaler: torch.amp.GradScaler
+
+
+def run(
+    settings: LoopSettings,
+    method: Method,
+    dataset,
+    items,
+    run_dir: Path,
+    metadata: dict,
+    log: MetricsLog,
+    evaluate: Callable[[nn.Module, Optional[nn.Module]], dict] | None = None,
+    log_offset: int = 0,
+) -> Path | None:
+    """Train `method` to settings.max_steps, resuming from the latest checkpoint in `run_dir`.
+
+    Checkpoints are `run_dir/checkpoints/NNNNNNN.pt`, holding the method's modules, EMA,
+    optimizers, scaler, method state, step, RNG and `metadata`. Metrics go to `log` at step
+    `log_offset + step`. Returns the last checkpoint written (or found).
+    """
+    settings.check(dist.world_size())
+    device = dist.device()
+    modules = method.modules()
+    state = LoopState(
+        ema=create_ema(modules["model"]) if settings.ema_decay > 0 else None,
+        optimizers=_build_optimizers(method, settings, device),
+        scaler=torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16"),
+    )
+    start, last_saved = _resume(run_dir, method, state, metadata)
+    if start >= settings.max_steps:
+        info(f"already at step {start} >= {settings.max_steps} steps in {run_dir}; nothing to do")
+        return last_saved
+    nets = _wrap(modules, settings, device)
+    batches = iter(_loader(settings, dataset, items, start, device))
+    bar = progress_bar(settings.max_steps, start, settings.desc, settings.progress)
+    window = _Window(device)
+    for module in modules.values():
+        module.train()
+    for step in range(start, settings.max_steps):
+        lr = learning_rate(step, settings.lr, settings.warmup_steps, settings.lr_schedule, settings.max_steps, settings.min_lr)
+        torch.manual_seed(mix_seed(settings.seed, step, dist.rank(), 2))  # the step's device-side randomness
+        micro_batches = [next(batches) for _ in range(settings.grad_accum)]
+        grad_norms = {
+            objective.name: _update(objective, method, nets, state, micro_batches, settings, lr, step, window)
+            for objective in method.objectives()
+        }
+        state.scaler.update()
+        window.steps += 1
+        if state.ema is not None:
+            update_ema(state.ema, modules["model"], settings.ema_decay)
+        done = step + 1
+        bar.update(1)
+        if done % settings.log_every == 0 or done == settings.max_steps:
+            _check_finite(window.nonfinite, done, last_saved)
+            metrics = window.metrics(grad_norms, lr, settings.batch_size)
+            _report(log, bar, log_offset + done, metrics)
+        if evaluate is not None and settings.eval_every and (done % settings.eval_every == 0 or done == settings.max_steps):
+            _report(log, bar, log_offset + done, evaluate(modules["model"], state.ema))
+            for module in modules.values():
+                module.train()
+        if done % settings.ckpt_every == 0 or done == settings.max_steps:
+            _check_finite(window.nonfinite, done, last_saved)
+            last_saved = _save(run_dir, done, method, state, settings, metadata)
+    bar.close()
+    return last_saved
+
+
+def _build_optimizers(method: Method, settings: LoopSettings, device: torch.device) -> dict:
+    """AdamW per objective (fused on CUDA); weight_decay 0 makes it Adam."""
+    modules = method.modules()
+    optimizers = {}
+    for objective in method.objectives():
+        params = [p for name in objective.modules for p in modules[name].parameters() if p.requires_grad]
+        optimizers[objective.name] = torch.optim.AdamW(
+            params, lr=settings.lr * objective.lr_scale, betas=tuple(settings.betas),
+            weight_decay=settings.weight_decay, fused=device.type == "cuda",
+        )
+    return optimizers
+
+
+def _resume(run_dir: Path, method: Method, state: LoopState, metadata: dict) -> tuple[int, Path | None]:
+    """Load the latest checkpoint of `run_dir` into everything; (0, None) when there is none."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return 0, None
+    saved = load_checkpoint(latest)
+    if "model_args" in metadata:
+        check_same_model(saved["model_args"], metadata["model_args"], str(latest))
+    for name, module in method.modules().items():
+        module.load_state_dict(saved[name])
+    if state.ema is not None:
+        if "ema" not in saved:
+            raise ValueError(f"{latest} has no EMA weights but an EMA decay is set now: keep the decay of the run")
+        state.ema.load_state_dict(saved["ema"])
+    optimizers = saved.get("optimizers") or {"model": saved["optimizer"]}  # "optimizer": checkpoints before the seam
+    for name, optimizer in state.optimizers.items():
+        optimizer.load_state_dict(optimizers[name])
+    state.scaler.load_state_dict(saved["scaler"])
+    method.load_state_dict(saved["method_state"] if "method_state" in saved else {"timesteps": saved["timesteps"]})
+    _restore_rng(saved["rng"])
+    step = int(saved["step"])
+    info(f"resumed from step {step} ({latest})")
+    return step, latest
+
+
+def _wrap(modules: dict, settings: LoopSettings, device: torch.device) -> dict:
+    """The modules as the loss calls them: compiled if asked, DDP under torchrun."""
+    nets = {}
+    for name, module in modules.items():
+        net = torch.compile(module) if settings.compile else module
+        if dist.world_size() > 1:
+            net = DistributedDataParallel(net, device_ids=[dist.local_rank()] if device.type == "cuda" else None)
+        nets[name] = net
+    return nets
+
+
+def _loader(settings: LoopSettings, dataset, items, start_step: int, device: torch.device) -> DataLoader:
+    sampler = StreamBatchSampler(
+        items, seed=settings.seed, global_batch=settings.batch_size, grad_accum=settings.grad_accum,
+        rank=dist.rank(), world_size=dist.world_size(), start_step=start_step,
+    )
+    workers = settings.num_workers
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def _update(objective, method: Method, nets: dict, state: LoopState, micro_batches, settings: LoopSettings,
+            lr: float, step: int, window: "_Window") -> torch.Tensor:
+    """Accumulate the objective's gradients over the micro-batches, clip, step; returns the grad norm."""
+    optimizer = state.optimizers[objective.name]
+    for group in optimizer.param_groups:
+        group["lr"] = lr * objective.lr_scale
+    device = dist.device()
+    index = [o.name for o in method.objectives()].index(objective.name)
+    for micro, (x, y) in enumerate(micro_batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        parts = (settings.seed, step, micro, dist.rank(), 3) + ((index,) if index else ())
+        generator = torch.Generator().manual_seed(mix_seed(*parts))
+        last = micro == len(micro_batches) - 1
+        with contextlib.ExitStack() as stack:
+            if not last:  # DDP all-reduces gradients on the last micro-batch only
+                for net in nets.values():
+                    if isinstance(net, DistributedDataParallel):
+                        stack.enter_context(net.no_sync())
+            with autocast(device, settings.precision):
+                loss, metrics = method.loss(objective.name, nets, x, y, generator)
+            state.scaler.scale(loss / len(micro_batches)).backward()
+        window.add(metrics, loss)
+    state.scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    state.scaler.step(optimizer)
+    for module in method.modules().values():
+        module.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+class _Window:
+    """Metric sums since the last log step, kept on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # sticky: a NaN stops the run
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, metrics: dict, loss: torch.Tensor) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, torch.zeros((), device=self.device)) + value.float()
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self.nonfinite |= ~torch.isfinite(loss.detach())
+
+    def metrics(self, grad_norms: dict, lr: float, batch_size: int) -> dict:
+        """Means over ranks and micro-batches, the last grad norms, lr and img/s; then a new window."""
+        names = list(self.sums)
+        values = [self.sums[n] / self.counts[n] for n in names] + [norm.float() for norm in grad_norms.values()]
+        values = dist.all_reduce_mean(torch.stack(values)).tolist()
+        out = dict(zip(names, values[: len(names)]))
+        for name, value in zip(grad_norms, values[len(names):]):
+            out["grad_norm" if name == "model" else f"grad_norm_{name}"] = value
+        out["lr"] = lr
+        out["img/s"] = self.steps * batch_size / max(time.perf_counter() - self.start, 1e-9)
+        self.reset()
+        return out
+
+
+def _report(log: MetricsLog, bar, step: int, metrics: dict) -> None:
+    log.log(step, metrics)
+    if dist.is_main():
+        bar.write(format_metrics(step, metrics))
+
+
+def _save(run_dir: Path, step: int, method: Method, state: LoopState, settings: LoopSettings, metadata: dict) -> Path:
+    """Rank 0 writes the checkpoint atomically; every rank waits for it."""
+    path = Path(run_dir) / "checkpoints" / f"{step:07d}.pt"
+    if dist.is_main():
+        checkpoint = {name: module.state_dict() for name, module in method.modules().items()}
+        if state.ema is not None:
+            checkpoint["ema"] = state.ema.state_dict()
+        checkpoint.update(
+            optimizers={name: opt.state_dict() for name, opt in state.optimizers.items()},
+            scaler=state.scaler.state_dict(),
+            method_state=method.state_dict(),
+            step=step,
+            data_position=step * settings.batch_size,
+            rng=_rng_state(),
+            **metadata,
+        )
+        path = save_checkpoint(checkpoint, run_dir, step, keep_last=settings.keep_last)
+        del checkpoint
+    dist.barrier()
+    return path
+
+
+def _check_finite(nonfinite: torch.Tensor, step: int, last_saved) -> None:
+    """Stop on NaN/inf before anything is written (a host sync, only at log/checkpoint steps)."""
+    if dist.all_reduce_sum(nonfinite.float()).item() > 0:
+        where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
+        raise NonFiniteLossError(
+            f"non-finite loss (NaN or inf) before step {step}; {where}. Lower the learning rate, set a "
+            "max_grad_norm, or switch the precision to bf16/fp32, then re-run to resume."
+        )
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
