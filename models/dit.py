@@ -113,31 +113,24 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-class GuidanceEmbedder(nn.Module):
+class GuidanceEmbedder(TimestepEmbedder):
     """Guidance scale s -> vector added to the conditioning: a student that samples at any scale.
 
     Guided distillation (Meng et al., CVPR 2023) feeds the guidance weight to the student through
-    an embedding. Sinusoidal features of 100 (s - 1) (scales 1..11 cover the range DiT's timesteps
-    use), then a SiLU MLP whose last layer starts at zero, so a freshly added embedder changes
-    nothing: a copy of the teacher with it gives the teacher's outputs.
+    an embedding. The timestep embedder's sinusoid + SiLU MLP applied to 100 (s - 1) (scales 1..11
+    cover the range DiT's timesteps use), with the last layer starting at zero, so a freshly added
+    embedder changes nothing: a copy of the teacher with it gives the teacher's outputs.
     """
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = FREQUENCY_EMBEDDING_SIZE):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
-        self.frequency_embedding_size = frequency_embedding_size
+        super().__init__(hidden_size, frequency_embedding_size)
         nn.init.normal_(self.mlp[0].weight, std=0.02)
         nn.init.zeros_(self.mlp[0].bias)
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, scale: torch.Tensor) -> torch.Tensor:
-        features = timestep_embedding(100.0 * (scale.float() - 1.0), self.frequency_embedding_size)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        return super().forward(100.0 * (scale.float() - 1.0))
 
 
 class DiTBlock(nn.Module):

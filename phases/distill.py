@@ -24,6 +24,7 @@ from diffusion.schedule import get_beta_schedule
 from methods.distill import DistillMethod, Guidance, eps_teacher, make_student, student_denoiser
 from models.pretrained import extract_state_dict
 from phases.distill_report import StageEvaluator, write_quality_figure
+from phases import inference
 from phases.generation import load_model
 from phases.validation import holdout_split
 from runtime import distributed as dist
@@ -72,6 +73,7 @@ def run(cfg: DictConfig) -> Path:
     loaded = load_teacher(cfg, teacher_path, cache)
     guidance = Guidance(float(dc.cfg_scale), tuple(dc.cfg_range) if dc.cfg_range else None, bool(dc.cfg_all_channels))
     check_guidance(guidance, loaded.model_args)
+    extractor = inference.evaluation_extractor(cfg) if dc.fid_samples else None  # reference + Inception, now
     train_items, _ = holdout_split(cache["num_items"], cfg.data.holdout)
     stage_settings(cfg, 0, counts[0]).check(dist.world_size())
     schedule = ContinuousSchedule(get_beta_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps))
@@ -108,6 +110,8 @@ def run(cfg: DictConfig) -> Path:
         for index, steps in enumerate(counts):
             teacher = run_stage(cfg, index, steps, teacher, guidance, schedule, dataset, train_items, base_metadata,
                                 str(teacher_path), evaluator, log)
+            if dc.fid_samples:
+                student_fid(cfg, steps, guidance, extractor)
     finally:
         log.close()
     if dist.is_main():
@@ -155,6 +159,20 @@ def run_stage(cfg, index: int, steps: int, teacher: Teacher, guidance: Guidance,
         )
     dist.barrier()
     return Teacher(student_denoise, margs, weights, str(last))
+
+
+def student_fid(cfg: DictConfig, steps: int, guidance: Guidance, extractor) -> None:
+    """Inference + evaluate of the N-step student on distill.fid_samples images (all ranks; resumable;
+    results in distill/NNNN_steps/eval/samples.json, read by the figure). Seeds as for the teacher's FID."""
+    stage_cfg = cfg.copy()
+    stage_cfg.ckpt = None
+    stage_cfg.sample.sampler, stage_cfg.sample.steps = "distilled", steps
+    stage_cfg.inference.num_samples, stage_cfg.inference.evaluate = cfg.distill.fid_samples, True
+    stage_cfg.inference.cfg_scale = guidance.scale
+    for key in ("sampler", "steps", "eta", "output"):
+        stage_cfg.inference[key] = None
+    stage_cfg.evaluate.samples = stage_cfg.evaluate.output = None
+    inference.run(stage_cfg, feature_extractor=extractor)
 
 
 def stage_iters(dc: DictConfig, index: int) -> int:

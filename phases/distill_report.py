@@ -129,12 +129,16 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 
 def read_stages(out_dir: Path, counts: list[int]) -> list[dict]:
-    """The stage.json records present, in stage order."""
+    """The stage.json records present, in stage order, with "fid" when the student was evaluated."""
     records = []
     for steps in counts:
-        path = stage_dir(out_dir.parent, steps) / STAGE_FILE
-        if path.is_file():
-            records.append(json.loads(path.read_text()))
+        folder = stage_dir(out_dir.parent, steps)
+        if (folder / STAGE_FILE).is_file():
+            record = json.loads((folder / STAGE_FILE).read_text())
+            evaluation = folder / "eval" / "samples.json"
+            if evaluation.is_file():
+                record["fid"] = json.loads(evaluation.read_text()).get("fid")
+            records.append(record)
     return records
 
 
@@ -147,7 +151,9 @@ def write_quality_figure(out_dir: Path, counts: list[int], start_steps: int) -> 
 
     records = read_stages(out_dir, counts)
     steps = [r["steps"] for r in records]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fids = [(r["steps"], r["fid"]) for r in records if r.get("fid") is not None]
+    fig, axes = plt.subplots(1, 2 if fids else 1, figsize=(11 if fids else 6, 4), dpi=120, squeeze=False)
+    ax = axes[0, 0]
     ax.plot(steps, [r["mse_vs_reference"] for r in records], "o-", label=f"student vs the {start_steps}-step teacher")
     ax.plot(steps, [r["ddim_mse_vs_reference"] for r in records], "s--",
             label=f"teacher DDIM (not distilled) vs the {start_steps}-step teacher")
@@ -161,6 +167,16 @@ def write_quality_figure(out_dir: Path, counts: list[int], start_steps: int) -> 
     ax.set_title("progressive distillation: quality against steps")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    if fids:
+        fid_ax = axes[0, 1]
+        fid_ax.plot([s for s, _ in fids], [f for _, f in fids], "o-")
+        fid_ax.set_xscale("log", base=2)
+        fid_ax.set_xticks([s for s, _ in fids], [str(s) for s, _ in fids])
+        fid_ax.invert_xaxis()
+        fid_ax.set_xlabel("sampling steps")
+        fid_ax.set_ylabel("FID (distill.fid_samples images)")
+        fid_ax.set_title("students' FID")
+        fid_ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

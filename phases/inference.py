@@ -96,10 +96,13 @@ def _rows_in_order(parts: dict[Path, np.ndarray], num_samples: int, field: str, 
         yield np.stack(out)
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig, feature_extractor=None) -> Path:
+    """Generate the .npz (and evaluate it when inference.evaluate, with `feature_extractor` if given)."""
     ic = cfg.inference
     out = output_path(cfg)
-    extractor = _evaluation_extractor(cfg) if ic.evaluate else None  # fail before hours of sampling
+    extractor = feature_extractor
+    if ic.evaluate and extractor is None:
+        extractor = evaluation_extractor(cfg)  # fail before hours of sampling
     if out.exists():
         info(f"{out} already exists (delete it to regenerate)")
     else:
@@ -117,7 +120,7 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
-def _evaluation_extractor(cfg: DictConfig):
+def evaluation_extractor(cfg: DictConfig):
     """Check the evaluation inputs and load the feature network on rank 0, before any sampling."""
     from phases import evaluate
 

@@ -143,6 +143,7 @@ class DistillConfig:
     log_every: int = 100
     progress: bool = True
     eval_samples: int = 64  # images per stage for the student-vs-teacher latent MSE
+    fid_samples: int = 0  # > 0: FID of every student on this many images (needs evaluate.reference / weights)
 
 
 @dataclass
@@ -306,6 +307,8 @@ def _validate_distill(dc: DictConfig) -> None:
         )
     if dc.first_stage_iters is not None and dc.first_stage_iters < 1:
         raise ConfigError(f"distill.first_stage_iters={dc.first_stage_iters} must be at least 1 (or null)")
+    if dc.fid_samples < 0:
+        raise ConfigError(f"distill.fid_samples={dc.fid_samples} must be >= 0 (0: no FID per stage)")
     if dc.cfg_scale < 0:
         raise ConfigError(f"distill.cfg_scale={dc.cfg_scale} must be >= 0")
     if dc.cfg_range is not None:

@@ -2,20 +2,19 @@
 second stage, resume, and the result equals an uninterrupted run; then sample and inference from
 the students; and bad inputs stop before any work."""
 import json
-import os
-import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import launch
 import numpy as np
-import psutil
 import pytest
 import torch
 
+from launch import env, kill_tree
+from metrics.features import FeatureExtractor, Features
 from phases import distill, inference, sample
+from phases.distill_report import read_stages
 from phases.generation import load_generator
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
 from runtime.config import ConfigError, load_config, sampler_settings
@@ -28,20 +27,12 @@ DISTILL = ["distill.start_steps=8", "distill.end_steps=2", f"distill.iters_per_s
            "sample.classes=[0,3]", "sample.per_class=2", "sample.batch_size=4"]
 
 
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def main_py(*args, timeout=300):
-    proc = subprocess.run([sys.executable, "main.py", "-c", CONFIG, *args], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+    return launch.main_py(CONFIG, *args, timeout=timeout)
 
 
 def torchrun(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "main.py", "-c", CONFIG, *args]
+    return launch.torchrun(CONFIG, *args)
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +49,6 @@ def teacher(tmp_path_factory):
 def overrides(teacher, run_dir, *extra):
     return [f"experiment_dir={run_dir}", f"data.cache_path={teacher['cache']}", f"distill.teacher={teacher['ckpt']}",
             *DISTILL, *extra]
-
-
-def kill_tree(proc):
-    family = [parent := psutil.Process(proc.pid), *parent.children(recursive=True)]
-    for member in family:
-        member.send_signal(signal.SIGKILL)
-    psutil.wait_procs(family, timeout=30)
-    proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +191,30 @@ def test_a_published_teacher_and_a_scale_conditioned_student(teacher, tmp_path):
     assert not torch.allclose(latents[1.0], latents[3.0]), "the scale must reach the student"
     with pytest.raises(ValueError, match="outside"):
         sample.run(load_config(CONFIG, [*common, "sample.cfg_scale=4.0"]))
+
+
+class StandInFeatures(FeatureExtractor):
+    """A tiny fixed feature map standing in for Inception (its weights cannot be downloaded here)."""
+
+    id = "stand-in"
+
+    def __call__(self, images):
+        x = images.float() / 255
+        pool = torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), x[..., :8].mean((1, 2, 3)), x[..., 8:].mean((1, 2, 3))], 1)
+        return Features(pool=pool, logits=torch.cat([pool, -pool], 1) * 5, spatial=None)
+
+
+def test_fid_of_every_student(teacher, tmp_path, monkeypatch):
+    reference = np.random.default_rng(0).integers(0, 255, size=(20, 16, 16, 1), dtype=np.uint8)
+    np.savez(tmp_path / "reference.npz", reference)
+    monkeypatch.setattr(inference, "evaluation_extractor", lambda cfg: StandInFeatures())
+    run_dir = tmp_path / "run"
+    common = [*overrides(teacher, run_dir), "distill.start_steps=4", "distill.end_steps=1", "distill.iters_per_stage=2",
+              "distill.fid_samples=6", f"evaluate.reference={tmp_path / 'reference.npz'}", "inference.batch_size=4"]
+    distill.run(load_config(CONFIG, common))
+    for steps in (2, 1):
+        folder = run_dir / "distill" / f"{steps:04d}_steps"
+        with np.load(folder / "inference" / "samples.npz") as samples:
+            assert samples["arr_0"].shape == (6, 16, 16, 1)
+        assert np.isfinite(json.loads((folder / "eval" / "samples.json").read_text())["fid"])
+    assert [r["steps"] for r in read_stages(run_dir / "distill", [2, 1]) if "fid" in r] == [2, 1]

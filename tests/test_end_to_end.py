@@ -1,17 +1,16 @@
 """End to end on the bundled demo: extract, train under torchrun (2 CPU processes, gloo),
 SIGKILL midway, resume, and compare with an uninterrupted run; then sample a grid."""
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
+import launch
 import pytest
 import torch
 from PIL import Image
 
+from launch import env, kill_tree
 from runtime.checkpoint import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,20 +20,12 @@ TRAIN = ["train.batch_size=16", "train.ckpt_every=4", "train.log_every=4", "trai
          f"train.max_steps={STEPS}", "train.warmup_steps=2", "data.holdout=32", "train.eval_every=12"]
 
 
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def main_py(*args, timeout=300):
-    proc = subprocess.run([sys.executable, "main.py", "-c", CONFIG, *args], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+    return launch.main_py(CONFIG, *args, timeout=timeout)
 
 
 def torchrun(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", 
-            "main.py", "-c", CONFIG, *args]
+    return launch.torchrun(CONFIG, *args)
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +48,7 @@ def test_killed_torchrun_training_resumes_to_the_same_result(cache, tmp_path):
     deadline = time.time() + 300
     while latest_checkpoint(killed_dir) is None and victim.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    # SIGKILL the launcher and every worker (torchrun starts its workers in their own groups)
-    family = [victim_proc, *victim_proc.children(recursive=True)] if (victim_proc := psutil.Process(victim.pid)) else []
-    for proc in family:
-        proc.send_signal(signal.SIGKILL)
-    psutil.wait_procs(family, timeout=30)
-    victim.wait()
+    kill_tree(victim)
     killed_at = latest_checkpoint(killed_dir)
     assert killed_at is not None and killed_at.name != f"{STEPS:07d}.pt", "the run was not interrupted midway"
 
