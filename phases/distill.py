@@ -34,6 +34,7 @@ from runtime.config import save_config, to_container
 from runtime.console import MetricsLog, info
 from runtime.data_stream import mix_seed
 from runtime.model_spec import check_cache_matches_config, check_same_model, model_args_from_cache
+from runtime.run_identity import check_run_identity
 
 TIME_MAPPING = "t in [0, 1] <-> teacher step T t - 1; log alpha_bar linear between steps; t = 0 is clean data"
 
@@ -73,6 +74,9 @@ def run(cfg: DictConfig) -> Path:
     loaded = load_teacher(cfg, teacher_path, cache)
     guidance = Guidance(float(dc.cfg_scale), tuple(dc.cfg_range) if dc.cfg_range else None, bool(dc.cfg_all_channels))
     check_guidance(guidance, loaded.model_args)
+    identity = {"teacher": str(teacher_path.resolve()), "start_steps": dc.start_steps, "parameterization":
+                dc.parameterization, "loss_weight": dc.loss_weight, **guidance.as_dict(),
+                "schedule": cfg.diffusion.schedule, "num_steps": cfg.diffusion.num_steps}
     extractor = inference.evaluation_extractor(cfg) if dc.fid_samples else None  # reference + Inception, now
     train_items, _ = holdout_split(cache["num_items"], cfg.data.holdout)
     stage_settings(cfg, 0, counts[0]).check(dist.world_size())
@@ -82,6 +86,8 @@ def run(cfg: DictConfig) -> Path:
     teacher_net = torch.compile(original) if dc.compile else original
     original_denoise = eps_teacher(teacher_net, schedule, loaded.model_args["num_classes"], channels, guidance.all_channels)
     evaluator = None
+    check_run_identity(out_dir, identity, "a distillation", "restore them (e.g. distill.teacher=...) to "
+                       "continue it, or use another experiment_dir")  # every rank: all fail alike
     if dist.is_main():  # grids and MSEs are made on rank 0: load the autoencoder now, not after hours
         autoencoder = load_autoencoder(cfg.autoencoder.name, device, scale_factor=float(cache["scale_factor"]))
         size = loaded.model_args["input_size"]
@@ -130,14 +136,15 @@ def run_stage(cfg, index: int, steps: int, teacher: Teacher, guidance: Guidance,
     student, margs = make_student(teacher.model_args, teacher.weights, guidance.conditioned)
     method = DistillMethod(student.to(device), teacher.denoise, schedule, steps, dc.parameterization,
                            dc.loss_weight, guidance)
+    identity = {"parameterization": dc.parameterization, "loss_weight": dc.loss_weight, **guidance.as_dict(),
+                "schedule": cfg.diffusion.schedule, "num_steps": cfg.diffusion.num_steps}
     metadata = {
         **base_metadata,
+        "identity": identity,  # a stage resumes only with these unchanged
         "model_args": margs,
         "distill": {
-            "steps": steps, "teacher_steps": 2 * steps, "stage": index, "parameterization": dc.parameterization,
-            "loss_weight": dc.loss_weight, **guidance.as_dict(), "schedule": cfg.diffusion.schedule,
-            "num_steps": cfg.diffusion.num_steps, "time_mapping": TIME_MAPPING, "teacher": original_path,
-            "stage_teacher": teacher.source,
+            "steps": steps, "teacher_steps": 2 * steps, "stage": index, **identity, "time_mapping": TIME_MAPPING,
+            "teacher": original_path, "stage_teacher": teacher.source,
         },
     }
     info(f"stage {index + 1}: {2 * steps} -> {steps} steps ({folder})")

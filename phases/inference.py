@@ -8,7 +8,6 @@ streaming, never holding all images in memory.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from phases.generation import load_generator, output_root, to_pil
 from phases.npz_writer import write_npz
 from runtime import distributed as dist
-from runtime.atomic_file import atomic_write, write_text_atomic
+from runtime.atomic_file import atomic_write
 from runtime.checkpoint import resolve_checkpoint
 from runtime.config import sampler_settings
+from runtime.run_identity import FILE as RUN_FILE, check_run_identity
 from runtime.console import info, progress_bar
 
 PART_SUFFIX = ".part.npz"
@@ -52,22 +52,6 @@ def _save_part(parts_dir: Path, indices: list[int], images: np.ndarray, labels: 
     path = parts_dir / f"{indices[0]:08d}-{len(indices):05d}{PART_SUFFIX}"
     with atomic_write(path) as handle:
         np.savez(handle, images=images, labels=labels, indices=np.asarray(indices, dtype=np.int64))
-
-
-def _check_run_identity(parts_dir: Path, identity: dict) -> None:
-    """Parts from a run with other settings must never be mixed into this one."""
-    meta = parts_dir / "run.json"
-    if meta.exists():
-        previous = json.loads(meta.read_text())
-        if previous != identity:
-            changed = sorted(k for k in identity if previous.get(k) != identity[k])
-            raise ValueError(
-                f"{parts_dir} holds images made with other settings ({', '.join(changed)}): "
-                "delete it or choose another inference.output"
-            )
-    else:
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(meta, json.dumps(identity, indent=1))
 
 
 def _rows_in_order(parts: dict[Path, np.ndarray], num_samples: int, field: str, chunk: int = 1024):
@@ -150,7 +134,7 @@ def _generate(cfg: DictConfig, out: Path) -> None:
         "use_ema": cfg.sample.use_ema,
     }
     if dist.is_main():
-        _check_run_identity(parts_dir, identity)
+        check_run_identity(parts_dir, identity, "images", "delete it or choose another inference.output")
         done = set(np.concatenate(list(finished_parts(parts_dir).values()) or [np.zeros(0, np.int64)]).tolist())
     else:
         done = None
@@ -191,6 +175,6 @@ def _assemble(parts_dir: Path, out: Path, num_samples: int, generator) -> None:
     )
     for path in parts:
         path.unlink()
-    (parts_dir / "run.json").unlink(missing_ok=True)
+    (parts_dir / RUN_FILE).unlink(missing_ok=True)
     parts_dir.rmdir()
     info(f"wrote {num_samples} images to {out}")

@@ -2,6 +2,7 @@
 second stage, resume, and the result equals an uninterrupted run; then sample and inference from
 the students; and bad inputs stop before any work."""
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -218,3 +219,15 @@ def test_fid_of_every_student(teacher, tmp_path, monkeypatch):
             assert samples["arr_0"].shape == (6, 16, 16, 1)
         assert np.isfinite(json.loads((folder / "eval" / "samples.json").read_text())["fid"])
     assert [r["steps"] for r in read_stages(run_dir / "distill", [2, 1]) if "fid" in r] == [2, 1]
+
+
+def test_a_distillation_does_not_continue_with_other_settings(distilled, teacher, tmp_path):
+    run = distilled["full"]
+    before = (run / "config.distill.yaml").read_text()
+    shutil.copy(teacher["ckpt"], tmp_path / "another_teacher.pt")
+    for override, changed in (("distill.parameterization=x", "parameterization: 'v' then, 'x' now"),
+                              ("distill.cfg_scale=3.0", "cfg_scale: 2.0 then, 3.0 now"),
+                              (f"distill.teacher={tmp_path / 'another_teacher.pt'}", "teacher: ")):
+        with pytest.raises(ValueError, match=f"holds a distillation made with other settings.*{changed}"):
+            distill.run(load_config(CONFIG, overrides(teacher, run, override)))
+    assert (run / "config.distill.yaml").read_text() == before
