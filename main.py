@@ -10,7 +10,11 @@ import importlib
 import sys
 
 from runtime import distributed as dist
+from runtime.atomic_file import DiskFullError
 from runtime.config import PHASES, ConfigError, load_config
+from runtime.preemption import Preempted
+from runtime.run_lock import RunLockedError
+from runtime.training_loop import NonFiniteLossError
 
 EPILOG = """\
 examples:
@@ -45,12 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     phase = importlib.import_module(f"phases.{args.phase}")
-    from phases.train import NonFiniteLossError
 
     dist.init()
     try:
         phase.run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
+    except Preempted as stop:  # a clean stop on SIGTERM/SIGINT/SIGUSR1: progress is saved
+        print(stop, file=sys.stderr, flush=True)
+        return stop.exit_code
+    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError, RunLockedError, DiskFullError) as err:
         print(f"error ({args.phase}): {err}", file=sys.stderr)
         return 1
     finally:

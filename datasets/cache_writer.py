@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 import h5py
 import numpy as np
 
+from runtime.atomic_file import temporary_name
 from datasets.latent_cache import (
     CLASS_NAMES,
     FORMAT_VERSION,
@@ -101,16 +102,10 @@ def read_manifest(folder: Path) -> dict | None:
 
 def write_manifest(folder: Path, manifest: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp = temporary_name(folder / MANIFEST)
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     _fsync(tmp)
     os.replace(tmp, folder / MANIFEST)
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Half-written files left by a killed run (only complete files are ever renamed into place)."""
-    for stale in folder.glob(".*.tmp-*"):
-        stale.unlink(missing_ok=True)
 
 
 def write_part(path: Path, moments: np.ndarray, errors: Sequence[str], first_item: int) -> None:
@@ -118,7 +113,7 @@ def write_part(path: Path, moments: np.ndarray, errors: Sequence[str], first_ite
     if len(moments) != len(errors):
         raise ValueError(f"{len(moments)} moments for {len(errors)} items")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         with h5py.File(tmp, "w") as handle:
             handle.create_dataset(MOMENTS, data=np.asarray(moments, dtype=np.float16))
@@ -166,7 +161,7 @@ def write_cache(
     if num_items == 0:
         raise ValueError(f"no item to write into {path}: every listed image was skipped")
     shape = (num_items, 2, 2, *(int(v) for v in attrs["latent_shape"]))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with h5py.File(tmp, "w") as handle:

@@ -35,6 +35,7 @@ from runtime.console import MetricsLog, info
 from runtime.data_stream import mix_seed
 from runtime.model_spec import check_cache_matches_config, check_same_model, model_args_from_cache
 from runtime.run_identity import check_run_identity
+from runtime.run_lock import RunLock
 
 TIME_MAPPING = "t in [0, 1] <-> teacher step T t - 1; log alpha_bar linear between steps; t = 0 is clean data"
 
@@ -58,15 +59,38 @@ class StageLog:
     def log(self, step: int, metrics: dict) -> None:
         self.log_to.log(step, {"stage_steps": self.steps, **metrics})
 
+    def truncate_after(self, step: int) -> int:
+        return self.log_to.truncate_after(step)
+
+
+@dataclass
+class Plan:
+    """Everything the guard rails checked, before anything is written."""
+
+    counts: list
+    cache: dict
+    teacher_path: Path
+    loaded: object  # phases.generation.LoadedModel of the original teacher
+    guidance: Guidance
+    identity: dict
+    extractor: object
+    items: list
+    schedule: ContinuousSchedule
+
 
 def run(cfg: DictConfig) -> Path:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    device = dist.device()
-    dc = cfg.distill
-    out_dir = Path(cfg.experiment_dir) / "distill"
+    plan = prepare(cfg)
+    with RunLock(cfg.experiment_dir):  # one run per folder, for the whole distillation
+        check_run_identity(Path(cfg.experiment_dir) / "distill", plan.identity, "a distillation",
+                           "restore them (e.g. distill.teacher=...) to continue it, or use another experiment_dir")
+        return distil(cfg, plan)
 
-    # Guard rails: every input is checked before the first stage starts.
+
+def prepare(cfg: DictConfig) -> Plan:
+    """Guard rails: every input is checked before the first stage starts, and nothing is written."""
+    dc = cfg.distill
     counts = stage_step_counts(dc.start_steps, dc.end_steps)
     cache = read_cache_info(cfg.data.cache_path)
     check_cache_matches_config(cfg, cache)
@@ -78,50 +102,53 @@ def run(cfg: DictConfig) -> Path:
                 dc.parameterization, "loss_weight": dc.loss_weight, **guidance.as_dict(),
                 "schedule": cfg.diffusion.schedule, "num_steps": cfg.diffusion.num_steps}
     extractor = inference.evaluation_extractor(cfg) if dc.fid_samples else None  # reference + Inception, now
-    train_items, _ = holdout_split(cache["num_items"], cfg.data.holdout)
+    items, _ = holdout_split(cache["num_items"], cfg.data.holdout)
     stage_settings(cfg, 0, counts[0]).check(dist.world_size())
     schedule = ContinuousSchedule(get_beta_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps))
-    original = loaded.model.to(device).eval().requires_grad_(False)
-    channels = loaded.model_args["in_channels"]
-    teacher_net = torch.compile(original) if dc.compile else original
-    original_denoise = eps_teacher(teacher_net, schedule, loaded.model_args["num_classes"], channels, guidance.all_channels)
-    evaluator = None
-    check_run_identity(out_dir, identity, "a distillation", "restore them (e.g. distill.teacher=...) to "
-                       "continue it, or use another experiment_dir")  # every rank: all fail alike
-    if dist.is_main():  # grids and MSEs are made on rank 0: load the autoencoder now, not after hours
-        autoencoder = load_autoencoder(cfg.autoencoder.name, device, scale_factor=float(cache["scale_factor"]))
-        size = loaded.model_args["input_size"]
-        evaluator = StageEvaluator(cfg, schedule, guidance.scale, autoencoder, loaded.model_args["num_classes"],
-                                   (channels, size, size), original_denoise, str(teacher_path), device)
-        save_config(cfg, Path(cfg.experiment_dir) / "config.distill.yaml")
+    return Plan(counts, cache, teacher_path, loaded, guidance, identity, extractor, items, schedule)
 
+
+def distil(cfg: DictConfig, plan: Plan) -> Path:
+    """Every stage in turn (finished ones are only loaded), then the figure; returns the last student."""
+    dc, device, loaded, guidance = cfg.distill, dist.device(), plan.loaded, plan.guidance
+    original = loaded.model.to(device).eval().requires_grad_(False)
+    channels, classes = loaded.model_args["in_channels"], loaded.model_args["num_classes"]
+    teacher_net = torch.compile(original) if dc.compile else original
+    original_denoise = eps_teacher(teacher_net, plan.schedule, classes, channels, guidance.all_channels)
+    evaluator = None
+    if dist.is_main():  # grids and MSEs are made on rank 0: load the autoencoder now, not after hours
+        autoencoder = load_autoencoder(cfg.autoencoder.name, device, scale_factor=float(plan.cache["scale_factor"]))
+        size = loaded.model_args["input_size"]
+        evaluator = StageEvaluator(cfg, plan.schedule, guidance.scale, autoencoder, classes, (channels, size, size),
+                                   original_denoise, str(plan.teacher_path), device)
+        save_config(cfg, Path(cfg.experiment_dir) / "config.distill.yaml")
     dataset = LatentDataset(cfg.data.cache_path, sample_posterior=cfg.data.sample_posterior,
                             random_flip=cfg.data.random_flip, in_memory=cfg.data.in_memory)
     info(
-        f"distilling {loaded.model_args['name']} from {teacher_path}: {dc.start_steps} teacher steps -> "
-        f"{' -> '.join(map(str, counts))} student steps, {dc.iters_per_stage} updates per stage"
+        f"distilling {loaded.model_args['name']} from {plan.teacher_path}: {dc.start_steps} teacher steps -> "
+        f"{' -> '.join(map(str, plan.counts))} student steps, {dc.iters_per_stage} updates per stage"
         f"{f' ({dc.first_stage_iters} in the first)' if dc.first_stage_iters else ''}, global batch "
         f"{dc.batch_size}, {guidance_text(guidance)}, {dc.parameterization}-prediction, {dc.loss_weight} weighting, "
         f"{dist.world_size()} process(es), {device.type}, {dc.precision}"
     )
-    teacher = Teacher(original_denoise, loaded.model_args, loaded.model.state_dict(), str(teacher_path))
+    teacher = Teacher(original_denoise, loaded.model_args, loaded.model.state_dict(), str(plan.teacher_path))
     base_metadata = {
         "method": "distill",
-        "autoencoder": {"name": cache["autoencoder"], "scale_factor": float(cache["scale_factor"])},
-        "image_size": int(cache["image_size"]),
+        "autoencoder": {"name": plan.cache["autoencoder"], "scale_factor": float(plan.cache["scale_factor"])},
+        "image_size": int(plan.cache["image_size"]),
         "config": to_container(cfg),
     }
     log = MetricsLog(cfg, "distill")
     try:
-        for index, steps in enumerate(counts):
-            teacher = run_stage(cfg, index, steps, teacher, guidance, schedule, dataset, train_items, base_metadata,
-                                str(teacher_path), evaluator, log)
+        for index, steps in enumerate(plan.counts):
+            teacher = run_stage(cfg, index, steps, teacher, guidance, plan.schedule, dataset, plan.items,
+                                base_metadata, str(plan.teacher_path), evaluator, log)
             if dc.fid_samples:
-                student_fid(cfg, steps, guidance, extractor)
+                student_fid(cfg, steps, guidance, plan.extractor)
     finally:
         log.close()
     if dist.is_main():
-        figure = write_quality_figure(out_dir, counts, dc.start_steps)
+        figure = write_quality_figure(Path(cfg.experiment_dir) / "distill", plan.counts, dc.start_steps)
         info(f"distillation finished: {dc.end_steps}-step student {teacher.source}; {figure}")
     dist.barrier()
     return Path(teacher.source)

@@ -35,7 +35,6 @@ from datasets.cache_writer import (
     part_path,
     part_range,
     read_manifest,
-    remove_stale_temporaries,
     write_manifest,
     write_part,
 )
@@ -43,6 +42,9 @@ from datasets.digits import DigitsSource
 from datasets.image_folder import ImageFolderSource
 from datasets.latent_cache import FORMAT_VERSION, parts_folder, read_cache_info
 from runtime import distributed as dist
+from runtime.atomic_file import remove_stale_temporaries
+from runtime.preemption import Preempted, StopSignals
+from runtime.run_lock import RunLock
 from runtime.console import info
 
 log = logging.getLogger(__name__)
@@ -58,13 +60,18 @@ def run(cfg: DictConfig) -> Path:
     cache_path = Path(cfg.data.cache_path)
     folder = parts_folder(cache_path)
 
-    finished = _on_main(lambda: _finished_items(cache_path, folder, expected_settings(cfg, source, fingerprint)))
-    if finished is not None:
-        info(f"latent cache {cache_path} is already complete ({finished} items): nothing to do")
-        return cache_path
+    with RunLock.for_file(cache_path, "data.cache_path"):  # one extraction per cache, for its whole life
+        finished = _on_main(lambda: _finished_items(cache_path, folder, expected_settings(cfg, source, fingerprint)))
+        if finished is not None:
+            info(f"latent cache {cache_path} is already complete ({finished} items): nothing to do")
+            return cache_path
+        ae = load_autoencoder(cfg.autoencoder.name, dist.device(), cfg.autoencoder.scale_factor, cfg.extract.precision)
+        _extract(cfg, source, ae, cache_path, folder, expected_settings(cfg, source, fingerprint, ae))
+    return cache_path
 
-    ae = load_autoencoder(cfg.autoencoder.name, dist.device(), cfg.autoencoder.scale_factor, cfg.extract.precision)
-    settings = expected_settings(cfg, source, fingerprint, ae)
+
+def _extract(cfg: DictConfig, source, ae, cache_path: Path, folder: Path, settings: dict) -> None:
+    """Encode the parts still missing (this rank's share), then rank 0 assembles the cache."""
     part_size = cfg.extract.batch_size * cfg.extract.flush_every
     manifest = _on_main(lambda: _prepare_parts(cache_path, folder, settings, part_size))
     part_size = int(manifest["part_size"])
@@ -80,7 +87,6 @@ def run(cfg: DictConfig) -> Path:
 
     dist.barrier()
     _on_main(lambda: _assemble(cfg, source, cache_path, folder, settings, part_size))
-    return cache_path
 
 
 def build_source(cfg: DictConfig):
@@ -157,24 +163,34 @@ def _encode_parts(cfg, source, ae, folder: Path, part_size: int, parts: list[int
         file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
     )
     loaded = iter(loader)
-    for part in parts:
-        items = part_range(part, part_size, len(source))
-        moments = np.zeros((len(items), 2, 2, *shape), dtype=np.float16)
-        errors = [""] * len(items)
-        for _ in range(0, len(items), batch_size):
-            indices, images, batch_errors = next(loaded)
-            offsets = indices.numpy() - items.start
-            ok = [j for j, error in enumerate(batch_errors) if not error]
-            for j, error in enumerate(batch_errors):
-                if error:
-                    errors[offsets[j]] = error
-                    log.warning("skipping unreadable image %s: %s", source.paths[int(indices[j])], error)
-            if ok:
-                pixels = images[ok].to(device, non_blocking=True).float() / 127.5 - 1.0  # ToTensor + Normalize(0.5, 0.5)
-                moments[offsets[ok]] = encode_both_flips(ae, pixels).cpu().numpy()
-            bar.update(len(indices))
-        write_part(part_path(folder, part), moments, errors, items.start)
+    with StopSignals() as signals:
+        for part in parts:
+            _encode_part(source, ae, folder, part, part_size, shape, batch_size, loaded, bar, device)
+            if signals.received:  # each rank stops at its next part: finished parts are kept
+                bar.close()
+                raise Preempted(f"stopped on {signals.name} with the finished parts kept in {folder}; re-run the "
+                                "same command to continue", signals.received)
     bar.close()
+
+
+def _encode_part(source, ae, folder: Path, part: int, part_size: int, shape, batch_size: int, loaded, bar, device) -> None:
+    """Encode one part from the loader and write it (its file is the durable progress mark)."""
+    items = part_range(part, part_size, len(source))
+    moments = np.zeros((len(items), 2, 2, *shape), dtype=np.float16)
+    errors = [""] * len(items)
+    for _ in range(0, len(items), batch_size):
+        indices, images, batch_errors = next(loaded)
+        offsets = indices.numpy() - items.start
+        ok = [j for j, error in enumerate(batch_errors) if not error]
+        for j, error in enumerate(batch_errors):
+            if error:
+                errors[offsets[j]] = error
+                log.warning("skipping unreadable image %s: %s", source.paths[int(indices[j])], error)
+        if ok:
+            pixels = images[ok].to(device, non_blocking=True).float() / 127.5 - 1.0  # ToTensor + Normalize(0.5, 0.5)
+            moments[offsets[ok]] = encode_both_flips(ae, pixels).cpu().numpy()
+        bar.update(len(indices))
+    write_part(part_path(folder, part), moments, errors, items.start)
 
 
 def _finished_items(cache_path: Path, folder: Path, expected: dict) -> int | None:

@@ -17,10 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from phases.generation import load_generator, output_root, to_pil
 from phases.npz_writer import write_npz
 from runtime import distributed as dist
-from runtime.atomic_file import atomic_write
+from runtime.atomic_file import atomic_write, remove_stale_temporaries
 from runtime.checkpoint import resolve_checkpoint
 from runtime.config import sampler_settings
+from runtime.preemption import Preempted, StopSignals
 from runtime.run_identity import FILE as RUN_FILE, check_run_identity
+from runtime.run_lock import RunLock
 from runtime.console import info, progress_bar
 
 PART_SUFFIX = ".part.npz"
@@ -90,7 +92,8 @@ def run(cfg: DictConfig, feature_extractor=None) -> Path:
     if out.exists():
         info(f"{out} already exists (delete it to regenerate)")
     else:
-        _generate(cfg, out)
+        with RunLock.for_file(out, "inference.output"):  # one run per output file
+            _generate(cfg, out)
     dist.barrier()
     if ic.evaluate:
         from phases import evaluate
@@ -135,6 +138,7 @@ def _generate(cfg: DictConfig, out: Path) -> None:
     }
     if dist.is_main():
         check_run_identity(parts_dir, identity, "images", "delete it or choose another inference.output")
+        remove_stale_temporaries(parts_dir)  # half-written parts of a killed run (we hold the lock)
         done = set(np.concatenate(list(finished_parts(parts_dir).values()) or [np.zeros(0, np.int64)]).tolist())
     else:
         done = None
@@ -148,13 +152,18 @@ def _generate(cfg: DictConfig, out: Path) -> None:
     if ic.save_png:
         png_dir.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(ic.num_samples, len(done), "inference", True)
-    for batch in mine:
-        images = generator.images(labels[batch], [cfg.seed + i for i in batch]).numpy()
-        _save_part(parts_dir, batch, images, labels[batch].numpy())
-        if ic.save_png:
-            for i, image in zip(batch, images):
-                to_pil(image).save(png_dir / f"{i:06d}.png")
-        bar.update(len(batch) * dist.world_size())
+    with StopSignals() as signals:
+        for batch in mine:
+            images = generator.images(labels[batch], [cfg.seed + i for i in batch]).numpy()
+            _save_part(parts_dir, batch, images, labels[batch].numpy())
+            if ic.save_png:
+                for i, image in zip(batch, images):
+                    to_pil(image).save(png_dir / f"{i:06d}.png")
+            bar.update(len(batch) * dist.world_size())
+            if signals.received:  # each rank stops at its next part: finished parts are kept
+                bar.close()
+                raise Preempted(f"stopped on {signals.name} with the finished parts kept in {parts_dir}; re-run "
+                                "the same command to continue", signals.received)
     bar.close()
     dist.barrier()
     if dist.is_main():

@@ -13,6 +13,8 @@ from typing import Iterable
 
 import numpy as np
 
+from runtime.atomic_file import temporary_name
+
 
 def write_member(archive: zipfile.ZipFile, name: str, shape: tuple, dtype: np.dtype, chunks: Iterable[np.ndarray]) -> None:
     """Write `name.npy` with the given shape/dtype from C-ordered chunks along axis 0."""
@@ -35,7 +37,7 @@ def write_npz(path: Path, members: list[tuple[str, tuple, np.dtype, Iterable[np.
     """Write every member to a temporary file, then rename it to `path` (atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             for name, shape, dtype, chunks in members:

@@ -21,8 +21,7 @@ from runtime.checkpoint import latest_checkpoint
 from runtime.config import save_config, to_container
 from runtime.console import MetricsLog, info
 from runtime.model_spec import check_cache_matches_config, model_args_from_cache
-
-NonFiniteLossError = training_loop.NonFiniteLossError  # what main.py reports as a clean error
+from runtime.run_lock import RunLock
 
 
 def run(cfg: DictConfig) -> Path | None:
@@ -47,8 +46,6 @@ def run(cfg: DictConfig) -> Path | None:
     method = build_method(cfg, model.to(device), device)
     dataset = LatentDataset(cfg.data.cache_path, sample_posterior=cfg.data.sample_posterior,
                             random_flip=cfg.data.random_flip, in_memory=cfg.data.in_memory)
-    if dist.is_main():
-        save_config(cfg, exp / "config.yaml")
     info(
         f"training {margs['name']} ({sum(p.numel() for p in model.parameters()):,} parameters, method "
         f"{cfg.model.method}) on {len(train_items)} items, latent {margs['in_channels']}x{margs['input_size']}x"
@@ -71,11 +68,14 @@ def run(cfg: DictConfig) -> Path | None:
         "image_size": int(cache["image_size"]),
         "config": to_container(cfg),
     }
-    log = MetricsLog(cfg, "train")
-    try:
-        last = training_loop.run(settings, method, dataset, train_items, exp, metadata, log,
-                                 evaluate=evaluate if cfg.data.holdout else None)
-    finally:
-        log.close()
+    with RunLock(exp):  # one run per folder, for the whole run
+        if dist.is_main():
+            save_config(cfg, exp / "config.yaml")
+        log = MetricsLog(cfg, "train")
+        try:
+            last = training_loop.run(settings, method, dataset, train_items, exp, metadata, log,
+                                     evaluate=evaluate if cfg.data.holdout else None)
+        finally:
+            log.close()
     info(f"finished at step {cfg.train.max_steps}; checkpoint {last}")
     return last

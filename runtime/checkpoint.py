@@ -7,6 +7,7 @@ then renamed, so a crash while saving never leaves a broken latest checkpoint.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -55,15 +56,44 @@ def save_checkpoint(state: dict, experiment_dir: str | Path, step: int, keep_las
     return path
 
 
+class BrokenCheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be loaded (truncated, empty, not a checkpoint)."""
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint on the CPU with weights_only=True; a clear error if it is missing or broken."""
+    """Load a checkpoint on the CPU with weights_only=True; a one-line error if it is missing or broken."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise BrokenCheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
+        raise BrokenCheckpointError(f"cannot read checkpoint {path}: {_why(err)}") from None
+    if not isinstance(state, dict):
+        raise BrokenCheckpointError(f"cannot read checkpoint {path}: it holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def _why(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "central directory" in text or "failed finding" in text or "unexpected EOF" in text.lower():
+        return f"truncated or not a torch checkpoint ({text})"
+    return text
+
+
+def load_latest_loadable(experiment_dir: str | Path) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that loads, with its content. Broken newer ones are moved aside to
+    NNNNNNN.pt.broken (never deleted) with a message; (None, None) when none is left."""
+    for _, path in reversed(list_checkpoints(checkpoint_dir(experiment_dir))):
+        try:
+            return path, load_checkpoint(path)
+        except BrokenCheckpointError as err:
+            aside = path.with_name(path.name + ".broken")
+            os.replace(path, aside)
+            print(f"{err}; moved it to {aside} and trying the previous checkpoint", flush=True)
+    return None, None
 
 
 def stage_dir(experiment_dir: str | Path, steps: int) -> Path:

@@ -105,6 +105,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32
     compile: bool = False
     ckpt_every: int = 50_000
+    ckpt_every_minutes: float = 0.0  # > 0: also a checkpoint every N minutes (only the newest such one is kept)
     keep_last: int = 0  # 0 keeps every checkpoint
     log_every: int = 100
     eval_every: int = 0  # 0: off; else validation loss on the held-out items (data.holdout) every N steps
@@ -139,6 +140,7 @@ class DistillConfig:
     cfg_range: Optional[List[float]] = None  # [lo, hi]: a scale-conditioned student (cfg_scale: its grids)
     cfg_all_channels: bool = False  # guide every latent channel, not DiT's first 3
     ckpt_every: int = 5000
+    ckpt_every_minutes: float = 0.0
     keep_last: int = 2
     log_every: int = 100
     progress: bool = True

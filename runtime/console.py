@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from runtime import distributed as dist
+from runtime.atomic_file import write_text_atomic
 from runtime.config import to_container
 
 
@@ -22,7 +24,11 @@ def info(message: str) -> None:
 
 
 class MetricsLog:
-    """Appends `{"step": ..., **metrics}` lines to `<experiment_dir>/logs/<phase>.jsonl` and to wandb."""
+    """Appends `{"step": ..., **metrics}` lines to `<experiment_dir>/logs/<phase>.jsonl` and to wandb.
+
+    One history per run: a resumed run first drops the records logged after its checkpoint
+    (truncate_after), and wandb continues the same run, whose id is kept in logs/wandb_<phase>.id.
+    """
 
     def __init__(self, cfg: DictConfig, phase: str):
         self.enabled = dist.is_main()
@@ -42,8 +48,27 @@ class MetricsLog:
                 dir=str(Path(cfg.experiment_dir)),
                 config=to_container(cfg),
                 job_type=phase,
+                id=wandb_run_id(self.path.parent, phase),
                 resume="allow",
             )
+
+    def truncate_after(self, step: int) -> int:
+        """Drop the records after `step` (and a line torn by a kill), atomically; returns how many went."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                keep = int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+        return dropped
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -58,6 +83,16 @@ class MetricsLog:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def wandb_run_id(folder: Path, phase: str) -> str:
+    """The wandb run id of this run folder and phase: made once, then read back on every resume."""
+    path = Path(folder) / f"wandb_{phase}.id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:16]
+    write_text_atomic(path, run_id + "\n")
+    return run_id
 
 
 def format_metrics(step: int, metrics: dict) -> str:

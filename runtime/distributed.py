@@ -30,8 +30,24 @@ def init() -> None:
 
 def shutdown() -> None:
     """Leave the process group (no barrier: a rank that failed must not hang the others' exit)."""
+    global _CPU_GROUP
     if is_initialized():
         tdist.destroy_process_group()
+    _CPU_GROUP = None
+
+
+_CPU_GROUP = None
+
+
+def cpu_group():
+    """A gloo group for small host-side exchanges that must not wait for the GPU stream.
+
+    Created on first use: every rank must make that first call at the same point.
+    """
+    global _CPU_GROUP
+    if _CPU_GROUP is None and is_initialized():
+        _CPU_GROUP = tdist.new_group(backend="gloo")
+    return _CPU_GROUP
 
 
 def rank() -> int:

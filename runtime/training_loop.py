@@ -22,13 +22,22 @@ from torch.utils.data import DataLoader
 
 from methods.base import Method
 from runtime import distributed as dist
-from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from runtime.atomic_file import DiskFullError, remove_stale_temporaries
+from runtime.checkpoint import (
+    checkpoint_dir,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_loadable,
+    save_checkpoint,
+)
 from runtime.console import MetricsLog, format_metrics, info, progress_bar
 from runtime.data_stream import StreamBatchSampler, mix_seed
 from runtime.ema import create_ema, update_ema
 from runtime.lr_schedule import learning_rate
 from runtime.model_spec import check_same_model
 from runtime.precision import autocast
+from runtime.preemption import Preempted, StopSignals
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,6 +63,7 @@ class LoopSettings:
     precision: str = "fp32"
     compile: bool = False
     ckpt_every: int = 1000
+    ckpt_every_minutes: float = 0.0  # > 0: also a checkpoint every this many minutes (one such kept)
     keep_last: int = 0
     log_every: int = 100
     eval_every: int = 0
@@ -113,43 +123,59 @@ def run(
         optimizers=_build_optimizers(method, settings, device),
         scaler=torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16"),
     )
+    if dist.is_main():  # the caller holds the run's lock: these are a killed run's half-written files
+        remove_stale_temporaries(checkpoint_dir(run_dir))
     start, last_saved = _resume(run_dir, method, state, metadata)
     if start >= settings.max_steps:
         info(f"already at step {start} >= {settings.max_steps} steps in {run_dir}; nothing to do")
         return last_saved
+    log.truncate_after(log_offset + start)  # one history per run: drop what was logged after the checkpoint
     nets = _wrap(modules, settings, device)
     batches = iter(_loader(settings, dataset, items, start, device))
     bar = progress_bar(settings.max_steps, start, settings.desc, settings.progress)
     window = _Window(device)
     for module in modules.values():
         module.train()
-    for step in range(start, settings.max_steps):
-        lr = learning_rate(step, settings.lr, settings.warmup_steps, settings.lr_schedule, settings.max_steps, settings.min_lr)
-        torch.manual_seed(mix_seed(settings.seed, step, dist.rank(), 2))  # the step's device-side randomness
-        micro_batches = [next(batches) for _ in range(settings.grad_accum)]
-        grad_norms = {
-            objective.name: _update(objective, method, nets, state, micro_batches, settings, lr, step, window)
-            for objective in method.objectives()
-        }
-        state.scaler.update()
-        window.steps += 1
-        if state.ema is not None:
-            update_ema(state.ema, modules["model"], settings.ema_decay)
-        done = step + 1
-        bar.update(1)
-        if done % settings.log_every == 0 or done == settings.max_steps:
-            _check_finite(window.nonfinite, done, last_saved)
-            metrics = window.metrics(grad_norms, lr, settings.batch_size)
-            _report(log, bar, log_offset + done, metrics)
-        if evaluate is not None and settings.eval_every and (done % settings.eval_every == 0 or done == settings.max_steps):
-            _report(log, bar, log_offset + done, evaluate(modules["model"], state.ema))
-            for module in modules.values():
-                module.train()
-        if done % settings.ckpt_every == 0 or done == settings.max_steps:
-            _check_finite(window.nonfinite, done, last_saved)
-            last_saved = _save(run_dir, done, method, state, settings, metadata)
-    bar.close()
+    try:
+        with StopSignals(settings.ckpt_every_minutes) as signals:
+            for step in range(start, settings.max_steps):
+                lr, grad_norms = _train_step(step, method, nets, state, batches, settings, window)
+                done = step + 1
+                bar.update(1)
+                if done % settings.log_every == 0 or done == settings.max_steps:
+                    _check_finite(window.nonfinite, done, last_saved)
+                    _report(log, bar, log_offset + done, window.metrics(grad_norms, lr, settings.batch_size))
+                if evaluate is not None and settings.eval_every and (done % settings.eval_every == 0 or done == settings.max_steps):
+                    _report(log, bar, log_offset + done, evaluate(modules["model"], state.ema))
+                    for module in modules.values():
+                        module.train()
+                stop, time_due = signals.poll()
+                if done % settings.ckpt_every == 0 or done == settings.max_steps or stop or time_due:
+                    _check_finite(window.nonfinite, done, last_saved)
+                    last_saved = _save(run_dir, done, method, state, settings, metadata, last_saved)
+                if stop:
+                    raise Preempted(f"stopped at step {done} on {signals.name}; checkpoint {last_saved}; "
+                                    "re-run the same command to continue", signals.received)
+    finally:
+        bar.close()
     return last_saved
+
+
+def _train_step(step: int, method: Method, nets: dict, state: LoopState, batches, settings: LoopSettings,
+                window: "_Window") -> tuple[float, dict]:
+    """One optimizer step of every objective over grad_accum micro-batches; then the EMA. (lr, grad norms)."""
+    lr = learning_rate(step, settings.lr, settings.warmup_steps, settings.lr_schedule, settings.max_steps, settings.min_lr)
+    torch.manual_seed(mix_seed(settings.seed, step, dist.rank(), 2))  # the step's device-side randomness
+    micro_batches = [next(batches) for _ in range(settings.grad_accum)]
+    grad_norms = {
+        objective.name: _update(objective, method, nets, state, micro_batches, settings, lr, step, window)
+        for objective in method.objectives()
+    }
+    state.scaler.update()
+    window.steps += 1
+    if state.ema is not None:
+        update_ema(state.ema, method.modules()["model"], settings.ema_decay)
+    return lr, grad_norms
 
 
 def _build_optimizers(method: Method, settings: LoopSettings, device: torch.device) -> dict:
@@ -166,11 +192,16 @@ def _build_optimizers(method: Method, settings: LoopSettings, device: torch.devi
 
 
 def _resume(run_dir: Path, method: Method, state: LoopState, metadata: dict) -> tuple[int, Path | None]:
-    """Load the latest checkpoint of `run_dir` into everything; (0, None) when there is none."""
-    latest = latest_checkpoint(run_dir)
+    """Load the latest loadable checkpoint of `run_dir` into everything; (0, None) when there is none.
+
+    Rank 0 alone picks it (moving broken ones aside) and tells the others which one to load.
+    """
+    latest, saved = load_latest_loadable(run_dir) if dist.is_main() else (None, None)
+    latest = dist.broadcast_object(latest)
     if latest is None:
         return 0, None
-    saved = load_checkpoint(latest)
+    if saved is None:
+        saved = load_checkpoint(latest)
     if "model_args" in metadata:
         check_same_model(saved["model_args"], metadata["model_args"], str(latest))
     for name, module in method.modules().items():
@@ -285,9 +316,14 @@ def _report(log: MetricsLog, bar, step: int, metrics: dict) -> None:
         bar.write(format_metrics(step, metrics))
 
 
-def _save(run_dir: Path, step: int, method: Method, state: LoopState, settings: LoopSettings, metadata: dict) -> Path:
-    """Rank 0 writes the checkpoint atomically; every rank waits for it."""
-    path = Path(run_dir) / "checkpoints" / f"{step:07d}.pt"
+def _save(run_dir: Path, step: int, method: Method, state: LoopState, settings: LoopSettings, metadata: dict,
+          last_saved: Path | None) -> Path:
+    """Rank 0 writes the checkpoint atomically, after checking the weights are finite; every rank waits.
+
+    Off-cycle checkpoints (time-based or on a stop signal) are kept only until a newer one exists.
+    """
+    _check_finite_weights(method, state, step, last_saved)
+    path = checkpoint_path(run_dir, step)
     if dist.is_main():
         checkpoint = {name: module.state_dict() for name, module in method.modules().items()}
         if state.ema is not None:
@@ -301,10 +337,32 @@ def _save(run_dir: Path, step: int, method: Method, state: LoopState, settings: 
             rng=_rng_state(),
             **metadata,
         )
-        path = save_checkpoint(checkpoint, run_dir, step, keep_last=settings.keep_last)
+        try:
+            path = save_checkpoint(checkpoint, run_dir, step, keep_last=settings.keep_last)
+        except DiskFullError as err:
+            kept = f"the previous checkpoint {last_saved} is intact" if last_saved else "no checkpoint was written"
+            raise DiskFullError(err.errno, f"{err.strerror}; {kept}; free space (keep_last=K needs room for "
+                                           "K+1 checkpoints) and re-run to continue") from None
         del checkpoint
+        for old_step, old in list_checkpoints(checkpoint_dir(run_dir)):
+            if old_step < step and old_step % settings.ckpt_every:  # a superseded time/stop checkpoint
+                old.unlink(missing_ok=True)
     dist.barrier()
     return path
+
+
+def _check_finite_weights(method: Method, state: LoopState, step: int, last_saved: Path | None) -> None:
+    """Never save divergence: NaN/inf in the weights or the EMA stops the run before anything is written."""
+    params = [p for module in method.modules().values() for p in module.parameters()]
+    if state.ema is not None:
+        params += list(state.ema.parameters())
+    bad = torch.stack([~torch.isfinite(p).all() for p in params]).any().float()
+    if dist.all_reduce_sum(bad).item() > 0:
+        where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
+        raise NonFiniteLossError(
+            f"non-finite weights (NaN or inf) at step {step}: nothing was saved; {where}. Lower the learning "
+            "rate, set a max_grad_norm, or switch the precision to bf16/fp32, then re-run to resume."
+        )
 
 
 def _check_finite(nonfinite: torch.Tensor, step: int, last_saved) -> None:

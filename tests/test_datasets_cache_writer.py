@@ -3,6 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
+from runtime.atomic_file import remove_stale_temporaries
 from datasets.cache_writer import (
     assemble_parts,
     check_settings,
@@ -12,7 +13,6 @@ from datasets.cache_writer import (
     part_range,
     read_manifest,
     read_part_errors,
-    remove_stale_temporaries,
     write_cache,
     write_manifest,
     write_part,
