@@ -201,14 +201,16 @@ def assemble_parts(
     labels: np.ndarray,
     class_names: Sequence[str],
     attrs: dict,
+    not_listed: Sequence[tuple[str, str]] = (),
 ) -> tuple[int, list[tuple[str, str]]]:
     """Copy every part, in item order and without skipped items, into `cache_path`.
 
-    Returns (items written, [(path, reason) of each skipped file]).
+    Returns (items written, [(path, reason) of each skipped file]): `not_listed` (files the folder
+    scan left out, e.g. a second link to the same file) first, then the files that failed to decode.
     """
     listed = len(paths)
     keep = np.ones(listed, dtype=bool)
-    skipped = []
+    skipped = list(not_listed)
     for part in range(num_parts(part_size, listed)):
         items = part_range(part, part_size, listed)
         for item, error in zip(items, read_part_errors(part_path(folder, part), items)):

@@ -232,14 +232,15 @@ def _assemble(cfg, source, cache_path: Path, folder: Path, settings: dict, part_
     image_root = str(Path(cfg.data.image_root).expanduser().resolve()) if cfg.data.source == "folder" else ""
     attrs = {**settings, "image_root": image_root}
     count, skipped = assemble_parts(
-        cache_path, folder, part_size, source.paths, source.labels, source.class_names, attrs
+        cache_path, folder, part_size, source.paths, source.labels, source.class_names, attrs,
+        not_listed=getattr(source, "skipped", ()),
     )
     shutil.rmtree(folder)
     size_gb = cache_path.stat().st_size / 1e9
     info(f"wrote {cache_path}: {count} items, {len(source.class_names)} classes, {size_gb:.3f} GB")
     if skipped:
         shown = "; ".join(f"{path} ({reason})" for path, reason in skipped[:5])
-        info(f"{len(skipped)} unreadable file(s) skipped (listed in the cache's skipped_paths): {shown}")
+        info(f"{len(skipped)} file(s) skipped (listed with the reason in the cache's skipped_paths): {shown}")
 
 
 def _check_config(cfg: DictConfig) -> None:

@@ -1,6 +1,7 @@
 """ImageNet-style folder listing, decoding of mixed formats/modes, and the guard rails."""
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from datasets.center_crop import center_crop_arr
 from datasets.image_folder import ImageFolderSource, scan_image_folder
 
 CORRUPT = ["bee/broken.jpg", "bee/truncated.png"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _noise(rng, height, width, channels=3):
@@ -57,7 +59,8 @@ def folder(tmp_path):
 
 
 def test_listing_order_labels_and_ignored_files(folder):
-    paths, labels, classes = scan_image_folder(folder)
+    paths, labels, classes, skipped = scan_image_folder(folder)
+    assert skipped == []
     assert classes == ["ant", "bee", "cat"]
     assert len(paths) == 23 and labels.dtype == np.int64
     assert paths[:8] == [
@@ -108,3 +111,47 @@ def test_guard_rails(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "sparse" / "full" / "x.png")
     with pytest.raises(ValueError, match="contain no image files.*empty"):
         scan_image_folder(tmp_path / "sparse")
+
+
+def test_links_are_followed_but_each_real_file_is_listed_once_and_keeps_its_class(tmp_path):
+    root, outside = tmp_path / "images", tmp_path / "elsewhere"
+    for folder, names in ((root / "a", ["x.png", "y.png"]), (root / "b", ["v.png", "w.png"]), (outside, ["z.png"])):
+        folder.mkdir(parents=True)
+        for i, name in enumerate(names):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / name)
+    (root / "a" / "loop").symlink_to(".")  # a link loop
+    (root / "a" / "up").symlink_to("..")  # back to the root: would give b's images class a
+    (root / "a" / "into_b").symlink_to("../b")
+    (root / "a" / "w_of_b.png").symlink_to("../b/w.png")
+    (root / "a" / "x_again.png").symlink_to("x.png")
+    (root / "a" / "ext").symlink_to(outside)  # a linked folder outside the root is part of class a
+
+    paths, labels, classes, skipped = scan_image_folder(root)
+    assert classes == ["a", "b"]
+    assert dict(zip(paths, labels.tolist())) == {"a/ext/z.png": 0, "a/x.png": 0, "a/y.png": 0, "b/v.png": 1, "b/w.png": 1}
+    reasons = dict(skipped)
+    assert reasons["a/loop/"].startswith("a link to a folder that is already listed")
+    assert reasons["a/up/"] == "a link to the image root or a folder above it"
+    assert reasons["a/into_b/"] == "a link into class folder 'b'"
+    assert reasons["a/w_of_b.png"] == "a link to a file of class folder 'b'"
+    assert reasons["a/x_again.png"] == "the same file as a/x.png"
+    assert len(skipped) == 5
+
+
+def test_what_the_scan_left_out_is_recorded_in_the_cache(tmp_path):
+    from datasets.latent_cache import SKIPPED_PATHS, SKIPPED_REASONS
+    from phases import extract
+    from runtime.config import load_config
+
+    root = tmp_path / "images"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "one.png")
+    (root / "a" / "loop").symlink_to(".")
+    cache = tmp_path / "cache.h5"
+    extract.run(load_config(ROOT / "configs/demo/digits.yaml", [
+        "data.source=folder", f"data.image_root={root}", f"data.cache_path={cache}", "data.image_size=8"]))
+    with h5py.File(cache) as handle:
+        assert [p.decode() for p in handle[SKIPPED_PATHS][:]] == ["a/loop/"]
+        assert handle[SKIPPED_REASONS][0].decode().startswith("a link to a folder that is already listed")
+        assert len(handle["labels"]) == 2
