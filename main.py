@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:  # a clean stop on SIGTERM/SIGINT/SIGUSR1: progress is saved
         print(stop, file=sys.stderr, flush=True)
         return stop.exit_code
-    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError, RunLockedError, DiskFullError) as err:
+    except ConfigError as err:  # a config value that only the phase could judge (exit 2, like the others)
+        print(f"config error ({args.phase}): {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, NonFiniteLossError, RunLockedError, DiskFullError) as err:
         print(f"error ({args.phase}): {err}", file=sys.stderr)
         return 1
     finally:

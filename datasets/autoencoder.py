@@ -8,7 +8,10 @@ it before `decode`.
 from __future__ import annotations
 
 import contextlib
+import socket
+import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -106,23 +109,49 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+class AutoencoderUnavailable(FileNotFoundError):
+    """The autoencoder's weights are neither local nor downloadable."""
+
+
 def _from_hub(cls, name: str):
-    """Load from the local Hugging Face cache, else download; a clear error when neither works."""
+    """Load from the local Hugging Face cache, else download; a clear error at once when neither works.
+
+    The hub is probed once with a short timeout before any download: offline, the download
+    machinery would retry with back-off for half a minute before failing.
+    """
     for local_only in (True, False):
+        if not local_only and not _hub_reachable():
+            break
         for subfolder in (None, "vae"):
             try:
-                return cls.from_pretrained(name, subfolder=subfolder, local_files_only=local_only)
+                with warnings.catch_warnings():  # diffusers passes a deprecated argument to huggingface_hub
+                    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+                    return cls.from_pretrained(name, subfolder=subfolder, local_files_only=local_only)
             except OSError as err:
                 if not local_only and subfolder is None and _is_offline_error(err):
                     break  # the hub is unreachable: asking again for vae/ would only wait longer
     folder = "vae/" + name.rstrip("/").split("/")[-1]
-    raise OSError(
+    raise AutoencoderUnavailable(
         f"could not load autoencoder '{name}': it is not in the local Hugging Face cache and could not be "
         "downloaded (offline, or no such repository). Download it on a machine with internet access, e.g. "
         f"`python -c \"from diffusers import AutoencoderKL; AutoencoderKL.from_pretrained('{name}')"
         f".save_pretrained('{folder}')\"`, copy that folder here and set autoencoder.name={folder} "
         "(a local folder saved with save_pretrained), or pre-fill the Hugging Face cache (HF_HOME)."
     )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the Hugging Face endpoint (False at once when offline or HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _is_offline_error(err: BaseException) -> bool:

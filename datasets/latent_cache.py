@@ -72,6 +72,7 @@ def read_cache_info(path: str | os.PathLike) -> dict:
             "image_size": int(attrs["image_size"]),
             "latent_shape": tuple(int(v) for v in attrs["latent_shape"]),
             "num_classes": int(attrs["num_classes"]),
+            "max_label": int(handle[LABELS][()].max()) if handle[LABELS].shape[0] else -1,
             "class_names": [_text(name) for name in handle[CLASS_NAMES][()]],
             "num_items": int(attrs["num_items"]),
             "num_skipped": int(attrs["num_skipped"]),

@@ -15,6 +15,7 @@ from diffusion.guidance import guided_model_fn
 from diffusion.sampler import build_sampler
 from diffusion.timesteps import build_timestep_strategy
 from methods.base import Objective
+from runtime.config import ConfigError
 
 
 class DiffusionMethod:
@@ -55,6 +56,15 @@ def build(cfg: DictConfig, model: nn.Module, device: torch.device) -> DiffusionM
     return DiffusionMethod(model, diffusion, strategy)
 
 
+def check_null_class(model_args: dict, setting: str) -> None:
+    """Guidance (asked for by `setting`) needs the null class that only label dropout creates."""
+    if float(model_args.get("class_dropout_prob", 0.0)) <= 0:
+        raise ConfigError(
+            f"{setting} asks for classifier-free guidance, but the model was built with class_dropout_prob=0 and "
+            "has no null class to guide with: use a scale of 1 (or train with model.class_dropout_prob > 0)"
+        )
+
+
 def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, checkpoint: dict, settings: DictConfig):
     """sample(noise, y, generators, progress) -> latents, for DiT checkpoints (ours or published)."""
     if settings.sampler == "distilled":
@@ -71,6 +81,8 @@ def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, chec
         eta=settings.eta,
     )
     scale, all_channels, num_classes = float(settings.cfg_scale), bool(settings.cfg_all_channels), model_args["num_classes"]
+    if scale != 1.0:
+        check_null_class(model_args, f"cfg_scale={scale}")
 
     def sample(noise: torch.Tensor, y: torch.Tensor, generators, progress: bool) -> torch.Tensor:
         fn = guided_model_fn(model, y, scale, num_classes, all_channels=all_channels)

@@ -21,6 +21,7 @@ from datasets.latent_cache import LatentDataset, read_cache_info
 from diffusion.continuous_schedule import ContinuousSchedule
 from diffusion.progressive_distillation import stage_step_counts
 from diffusion.schedule import get_beta_schedule
+from methods.diffusion import check_null_class
 from methods.distill import DistillMethod, Guidance, eps_teacher, make_student, student_denoiser
 from models.pretrained import extract_state_dict
 from phases.distill_report import StageEvaluator, write_quality_figure
@@ -258,11 +259,10 @@ def load_teacher(cfg: DictConfig, path: Path, cache: dict):
 
 
 def check_guidance(guidance: Guidance, model_args: dict) -> None:
-    if (guidance.scale != 1.0 or guidance.conditioned) and model_args.get("class_dropout_prob", 0.0) <= 0:
-        raise ValueError(
-            "classifier-free guidance needs a teacher trained with label dropout (a null class): the teacher has "
-            "model.class_dropout_prob=0, so set distill.cfg_scale=1 and no distill.cfg_range"
-        )
+    if guidance.conditioned:
+        check_null_class(model_args, f"distill.cfg_range={list(guidance.range)}")
+    elif guidance.scale != 1.0:
+        check_null_class(model_args, f"distill.cfg_scale={guidance.scale}")
 
 
 def guidance_text(guidance: Guidance) -> str:

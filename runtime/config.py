@@ -8,12 +8,13 @@ An unknown key or a wrong type fails at start-up naming the key and the file.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from runtime.atomic_file import write_text_atomic
 
@@ -237,7 +238,9 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
         reason = str(err).splitlines()[0]
-        raise ConfigError(f"{source}: invalid key '{key}': {reason}") from None
+        if isinstance(err, ConfigKeyError):
+            raise ConfigError(f"{source}: unknown key '{key}' ({reason}; every key is in runtime/config.py)") from None
+        raise ConfigError(f"{source}: invalid value for '{key}': {reason}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -291,9 +294,27 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"inference.precision={cfg.inference.precision!r} is not one of bf16, fp16, fp32")
     for key in ("train.batch_size", "train.max_steps", "train.grad_accum", "train.ckpt_every", "train.log_every",
                 "distill.batch_size", "distill.iters_per_stage", "distill.grad_accum", "distill.ckpt_every",
-                "distill.log_every", "distill.eval_samples"):
+                "distill.log_every", "distill.eval_samples", "sample.batch_size", "sample.per_class",
+                "inference.batch_size", "inference.num_samples", "evaluate.batch_size", "extract.batch_size",
+                "extract.flush_every", "data.image_size", "model.num_classes", "diffusion.num_steps"):
         if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key} must be at least 1")
+            raise ConfigError(f"invalid value {key}={OmegaConf.select(cfg, key)}: it must be at least 1")
+    for key in ("train.keep_last", "distill.keep_last", "train.max_grad_norm", "distill.max_grad_norm",
+                "train.warmup_steps", "distill.warmup_steps", "train.min_lr", "train.weight_decay",
+                "distill.weight_decay", "train.ckpt_every_minutes", "distill.ckpt_every_minutes", "train.eval_every",
+                "data.holdout", "data.num_workers", "extract.num_workers", "sample.cfg_scale", "sample.eta"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"invalid value {key}={OmegaConf.select(cfg, key)}: it must be >= 0")
+    for key in ("inference.cfg_scale", "inference.eta"):
+        if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"invalid value {key}={OmegaConf.select(cfg, key)}: it must be >= 0")
+    for key in ("train.lr", "distill.lr"):
+        value = OmegaConf.select(cfg, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"invalid value {key}={value}: the learning rate must be a finite number > 0")
+    for key in ("train.ema_decay", "model.class_dropout_prob"):
+        if not 0 <= OmegaConf.select(cfg, key) <= 1:
+            raise ConfigError(f"invalid value {key}={OmegaConf.select(cfg, key)}: it must be in [0, 1]")
     _validate_distill(cfg.distill)
 
 

@@ -27,9 +27,10 @@ def check_cache_matches_config(cfg: DictConfig, info: dict) -> None:
             f"the cache {cfg.data.cache_path} was made for " + " and ".join(problems)
             + ": fix the config, or point data.cache_path at a cache extracted with these settings"
         )
-    if int(info["num_classes"]) > int(cfg.model.num_classes):
+    if int(info["num_classes"]) > int(cfg.model.num_classes) or int(info.get("max_label", -1)) >= int(cfg.model.num_classes):
         raise ValueError(
-            f"the cache has {info['num_classes']} classes but model.num_classes={cfg.model.num_classes}"
+            f"the cache {cfg.data.cache_path} has {info['num_classes']} classes (labels up to {info.get('max_label')}) "
+            f"but model.num_classes={cfg.model.num_classes}: set model.num_classes={info['num_classes']} or more"
         )
 
 

@@ -1,4 +1,5 @@
 """Config loading: inheritance down configs/, overrides, schema errors naming key and file."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,43 @@ def test_cli_help_lists_phases():
     assert proc.returncode == 0
     for phase in ("extract", "train", "sample", "inference", "evaluate"):
         assert phase in proc.stdout
+
+
+def test_messages_say_whether_the_key_or_the_value_is_wrong(tmp_path):
+    exp = write(tmp_path / "configs/exp.yaml", "seed: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'train.learning_rate'"):
+        load_config(exp, ["train.learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match="invalid value for 'train.lr'"):
+        load_config(exp, ["train.lr=fast"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.ema_decay=1.5", "train.ema_decay=1.5: it must be in [0, 1]"),
+    ("train.ema_decay=-0.1", "train.ema_decay=-0.1: it must be in [0, 1]"),
+    ("train.keep_last=-1", "train.keep_last=-1: it must be >= 0"),
+    ("train.max_grad_norm=-1.0", "train.max_grad_norm=-1.0: it must be >= 0"),
+    ("sample.cfg_scale=-2.0", "sample.cfg_scale=-2.0: it must be >= 0"),
+    ("inference.cfg_scale=-1.0", "inference.cfg_scale=-1.0: it must be >= 0"),
+    ("sample.batch_size=0", "sample.batch_size=0: it must be at least 1"),
+    ("inference.batch_size=0", "inference.batch_size=0: it must be at least 1"),
+    ("inference.num_samples=0", "inference.num_samples=0: it must be at least 1"),
+    ("train.batch_size=0", "train.batch_size=0: it must be at least 1"),
+    ("train.lr=0.0", "train.lr=0.0: the learning rate must be a finite number > 0"),
+    ("train.lr=-1e-4", "the learning rate must be a finite number > 0"),
+    ("train.lr=nan", "the learning rate must be a finite number > 0"),
+    ("distill.lr=inf", "distill.lr=inf: the learning rate must be a finite number > 0"),
+    ("model.class_dropout_prob=1.5", "model.class_dropout_prob=1.5: it must be in [0, 1]"),
+])
+def test_values_out_of_range_are_config_errors(tmp_path, override, message):
+    exp = write(tmp_path / "configs/exp.yaml", "seed: 1\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(exp, [override])
+
+
+def test_config_values_exit_2_and_files_exit_1(tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "main.py", "-c", "configs/demo/digits.yaml", *args],
+                                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    bad_value = run("-p", "train", "train.ema_decay=2")
+    assert bad_value.returncode == 2 and "train.ema_decay=2" in bad_value.stderr
+    missing_file = run("-p", "train", f"data.cache_path={tmp_path / 'none.h5'}")
+    assert missing_file.returncode == 1 and "not found" in missing_file.stderr

@@ -79,8 +79,15 @@ def test_offline_hub_id_says_how_to_get_the_weights(monkeypatch):
             raise OSError(f"{name} does not appear to have a file named config.json.") from cause
 
     monkeypatch.setattr(AutoencoderKL, "from_pretrained", staticmethod(offline))
-    with pytest.raises(OSError, match="save_pretrained.*autoencoder.name=vae/sd-vae-ft-ema"):
+    monkeypatch.setattr(ae_module, "_hub_reachable", lambda timeout=3.0: True)  # the hub answers, the file fails
+    with pytest.raises(FileNotFoundError, match="save_pretrained.*autoencoder.name=vae/sd-vae-ft-ema"):
         load_autoencoder("stabilityai/sd-vae-ft-ema", "cpu")
     # cache first (root, then vae/), then one download attempt: no second wait for vae/ offline
     assert calls == [(None, True), ("vae", True), (None, False)]
     assert ae_module._is_offline_error(OSError("x")) is False
+    # no route to the hub: no download attempt at all (the downloader would retry for half a minute)
+    calls.clear()
+    monkeypatch.setattr(ae_module, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ae_module.AutoencoderUnavailable, match="could not load autoencoder"):
+        load_autoencoder("stabilityai/sd-vae-ft-ema", "cpu")
+    assert calls == [(None, True), ("vae", True)]

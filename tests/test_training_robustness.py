@@ -13,7 +13,7 @@ import torch
 from phases import extract, sample, train
 from runtime.atomic_file import DiskFullError
 from runtime.checkpoint import BrokenCheckpointError, list_checkpoints, load_checkpoint
-from runtime.config import load_config
+from runtime.config import ConfigError, load_config
 from runtime.preemption import Preempted
 from runtime.training_loop import NonFiniteLossError
 
@@ -142,3 +142,17 @@ def test_a_stop_signal_saves_the_step_and_the_rerun_continues_exactly(cache, tmp
     for name, tensor in full["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     assert steps_of(tmp_path / "stopped") == [6]  # the stop checkpoint is superseded
+
+
+def test_guidance_without_a_null_class_is_a_config_error(cache, tmp_path):
+    train.run(cfg_for(cache, tmp_path, "train.max_steps=2", "model.class_dropout_prob=0"))
+    common = ["model.class_dropout_prob=0", "sample.steps=2", "sample.classes=[1]", "sample.per_class=1"]
+    with pytest.raises(ConfigError, match=r"cfg_scale=2.0 asks for classifier-free guidance.*no null class"):
+        sample.run(cfg_for(cache, tmp_path, *common, "sample.cfg_scale=2.0"))
+    assert sample.run(cfg_for(cache, tmp_path, *common, "sample.cfg_scale=1.0")).is_file()
+
+
+def test_a_cache_with_more_classes_than_the_model_is_an_error(cache, tmp_path):
+    with pytest.raises(ValueError, match=r"has 10 classes \(labels up to 9\) but model.num_classes=5"):
+        train.run(cfg_for(cache, tmp_path, "model.num_classes=5"))
+    assert not (tmp_path / "checkpoints").exists()
