@@ -8,7 +8,6 @@ silently running with partly random weights.
 """
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,12 +62,10 @@ def extract_state_dict(obj: object, prefer_ema: bool = True) -> dict[str, torch.
 
 
 def _read_checkpoint(path: Path) -> object:
-    """torch.load with weights_only=True; DiT's train.py also pickles its argparse.Namespace "args"."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt or foreign files fail in many ways (UnpicklingError, RuntimeError, ...)
-        raise ValueError(f"cannot read {path} as a torch checkpoint (weights_only=True): {err}") from err
+    """torch.load with weights_only=True and the reference repos' argument objects allowed (runtime/checkpoint.py)."""
+    from runtime.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
 
 
 def _block_count(keys) -> int:
@@ -152,15 +149,16 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def load_pretrained(model: nn.Module, path: str | Path, prefer_ema: bool = True) -> str:
-    """Load the weights in `path` into `model` strictly.
+def load_pretrained(model: nn.Module, path: str | Path, prefer_ema: bool = True, obj: object = None) -> str:
+    """Load the weights in `path` into `model` strictly (`obj`: the file already read, so it is read once).
 
     Returns which entry was used: "ema", "model", or "state_dict" for a plain state dict.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-    obj = _read_checkpoint(path)
+    if obj is None:
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+        obj = _read_checkpoint(path)
     try:
         source, _ = _select_weights(obj, prefer_ema)
         state = extract_state_dict(obj, prefer_ema)

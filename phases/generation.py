@@ -106,10 +106,10 @@ def load_model(cfg: DictConfig, ckpt_path: Path, use_ema: bool) -> LoadedModel:
         check_same_model(state["model_args"], margs, str(ckpt_path))
         meta = {k: v for k, v in state.items() if k not in _WEIGHT_ENTRIES}
         weights = "EMA" if use_ema and "ema" in state else "raw"
-    else:  # a published DiT checkpoint: geometry from the config (or the cache)
+    else:  # a published DiT checkpoint or one of DiT's/fast-DiT's/SpeeD's train.py: geometry from the config
         margs = model_args_from_config(cfg)
         model = create_model(**margs)
-        load_pretrained(model, ckpt_path, prefer_ema=use_ema)
+        load_pretrained(model, ckpt_path, prefer_ema=use_ema, obj=state)  # the file is read once
         ae_name, scale, meta = cfg.autoencoder.name, cfg.autoencoder.scale_factor, {}
         weights = "EMA" if use_ema else "raw"
     del state

@@ -60,15 +60,35 @@ class BrokenCheckpointError(ValueError):
     """A checkpoint file that exists but cannot be loaded (truncated, empty, not a checkpoint)."""
 
 
+def _safe_globals() -> list:
+    """The only classes a checkpoint may contain besides tensors and plain values.
+
+    The reference repos' train.py pickle their arguments next to the weights: DiT and fast-DiT an
+    argparse.Namespace, SpeeD an OmegaConf DictConfig. These (and the containers and nodes an
+    OmegaConf object is made of) are data; nothing else is ever unpickled (weights_only=True).
+    """
+    import argparse
+    import collections
+    import typing
+
+    from omegaconf import DictConfig, ListConfig, base, nodes
+
+    return [argparse.Namespace, DictConfig, ListConfig, base.ContainerMetadata, base.Metadata, nodes.AnyNode,
+            nodes.StringNode, nodes.IntegerNode, nodes.FloatNode, nodes.BooleanNode, nodes.PathNode, nodes.BytesNode,
+            typing.Any, dict, list, tuple, int, float, str, bool, collections.defaultdict]
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint on the CPU with weights_only=True; a one-line error if it is missing or broken."""
+    """Load a checkpoint on the CPU with weights_only=True (ours, a published DiT file, or one written by
+    DiT's, fast-DiT's or SpeeD's train.py); a one-line error if it is missing or broken."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise BrokenCheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_safe_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise BrokenCheckpointError(f"cannot read checkpoint {path}: {_why(err)}") from None
     if not isinstance(state, dict):
@@ -77,8 +97,12 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def _why(err: Exception) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if "central directory" in text or "failed finding" in text or "unexpected EOF" in text.lower():
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if unsafe:  # weights_only refused a class or function: say which; it is never loaded
+        return f"it holds an object this tool does not unpickle ({unsafe.group(1)})"
+    text = lines[0] if lines else type(err).__name__
+    if "central directory" in text or "failed finding" in text or "unexpected eof" in text.lower():
         return f"truncated or not a torch checkpoint ({text})"
     return text
 
