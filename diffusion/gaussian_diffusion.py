@@ -27,7 +27,7 @@ class GaussianDiffusion:
     C channels (eps) and DiT's fixed "large" variance beta_t (beta~_1 at t = 0).
     """
 
-    def __init__(self, betas: np.ndarray, learn_sigma: bool = True):
+    def __init__(self, betas: np.ndarray, learn_sigma: bool = True, rescale_vb: bool = False):
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) < 2:
             raise ValueError(f"betas must be a 1-D array of at least 2 steps, got shape {betas.shape}")
@@ -35,6 +35,7 @@ class GaussianDiffusion:
             raise ValueError("betas must lie in (0, 1]")
         self.betas = betas
         self.learn_sigma = bool(learn_sigma)
+        self.rescale_vb = bool(rescale_vb)
         self.num_timesteps = len(betas)
 
         alphas = 1.0 - betas
@@ -184,9 +185,10 @@ class GaussianDiffusion:
 
         loss = mse_weights * mse + vb_weights * vb (None means 1); "mse" and "vb" are reported
         unweighted. The VB term sees the predicted eps through a stop-gradient, so it only trains
-        the variance channels (IDDPM Sec. 3.1, L_hybrid). It is multiplied by num_timesteps / 1000,
-        IDDPM's rescaled-MSE convention ("divide by 1000 for equivalence with the initial
-        implementation"): with 1000 training steps the factor is 1, which is also what DiT does.
+        the variance channels (IDDPM Sec. 3.1, L_hybrid). As in DiT (loss type MSE) it is not
+        rescaled, whatever the number of steps; with rescale_vb it is multiplied by
+        num_timesteps / 1000, IDDPM's RESCALED_MSE convention ("divide by 1000 for equivalence
+        with the initial implementation"). With 1000 training steps both are the same.
         Everything after the model call is float32, also under autocast.
         """
         x0 = x0.float()
@@ -201,7 +203,9 @@ class GaussianDiffusion:
         loss = _weighted(terms["mse"], mse_weights, "mse_weights")
         if var_values is not None:
             frozen = torch.cat([eps.detach(), var_values], dim=1)
-            terms["vb"] = self.vb_terms_bpd(frozen, x0, x_t, t) * (self.num_timesteps / 1000.0)
+            terms["vb"] = self.vb_terms_bpd(frozen, x0, x_t, t)
+            if self.rescale_vb:
+                terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
             loss = loss + _weighted(terms["vb"], vb_weights, "vb_weights")
         terms["loss"] = loss
         return terms

@@ -51,7 +51,8 @@ class DiffusionMethod:
 
 def build(cfg: DictConfig, model: nn.Module, device: torch.device) -> DiffusionMethod:
     """The training method for `train` with model.method=diffusion."""
-    diffusion = create_diffusion(cfg.diffusion.num_steps, cfg.diffusion.schedule, learn_sigma=model.learn_sigma)
+    diffusion = create_diffusion(cfg.diffusion.num_steps, cfg.diffusion.schedule, learn_sigma=model.learn_sigma,
+                                 rescale_vb=cfg.diffusion.rescale_vb)
     strategy = build_timestep_strategy(cfg.diffusion.timesteps, diffusion, device)
     return DiffusionMethod(model, diffusion, strategy)
 

@@ -53,6 +53,7 @@ def evaluate_npz(
     batch_size: int,
     cache_dir: Optional[str | Path],
     show_progress: bool = True,
+    adm_distances: bool = False,
 ) -> dict:
     """All metrics of the samples' arr_0 images against the reference batch (statistics cached in `cache_dir`)."""
     samples_path, reference_path = Path(samples_path), Path(reference_path)
@@ -71,13 +72,15 @@ def evaluate_npz(
     is_mean, is_std = inception_score(class_probabilities(features.logits))
     precision = recall = None
     if reference.features is not None:
-        precision, recall = precision_recall(reference.features, features.pool, device=extractor.device)
+        precision, recall = precision_recall(reference.features, features.pool, device=extractor.device,
+                                             adm_distances=adm_distances)
     return {
         "fid": fid,
         "is": is_mean,
         "is_std": is_std,
         "precision": precision,
         "recall": recall,
+        "pr_distances": "float16 with float32 fallback (ADM)" if adm_distances else "float64",
         "num_samples": contents.num_images,
         "reference": str(reference_path),
         "samples": str(samples_path),
@@ -130,7 +133,8 @@ def run(cfg: DictConfig, feature_extractor: Optional[FeatureExtractor] = None) -
     if extractor is None:
         extractor = build_inception(ec.inception_weights, dist.device())
 
-    results = evaluate_npz(samples, reference, extractor, ec.batch_size, reference_cache_dir(cfg))
+    results = evaluate_npz(samples, reference, extractor, ec.batch_size, reference_cache_dir(cfg),
+                           adm_distances=ec.adm_distances)
     info(format_table(results))
     _write_json(results, output_path(cfg, samples))
     if cfg.wandb.mode != "disabled":

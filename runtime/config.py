@@ -87,6 +87,7 @@ class TimestepsConfig:
 class DiffusionConfig:
     num_steps: int = 1000
     schedule: str = "linear"  # linear | cosine
+    rescale_vb: bool = False  # IDDPM's RESCALED_MSE: VB term x num_steps/1000 (DiT: no rescale; same at 1000 steps)
     timesteps: TimestepsConfig = field(default_factory=TimestepsConfig)
 
 
@@ -198,6 +199,7 @@ class EvaluateConfig:
     inception_weights: Optional[str] = None  # local torch-fidelity Inception weights file
     batch_size: int = 200
     output: Optional[str] = None  # default <experiment_dir>/eval/<samples stem>.json
+    adm_distances: bool = False  # precision/recall distances in float16 (float32 fallback) as ADM; default float64
 
 
 @dataclass

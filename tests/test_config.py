@@ -131,3 +131,11 @@ def test_config_values_exit_2_and_files_exit_1(tmp_path):
     assert bad_value.returncode == 2 and "train.ema_decay=2" in bad_value.stderr
     missing_file = run("-p", "train", f"data.cache_path={tmp_path / 'none.h5'}")
     assert missing_file.returncode == 1 and "not found" in missing_file.stderr
+
+
+def test_imagenet_defaults_are_faithful_to_the_protocols():
+    cfg = load_config(ROOT / "configs/imagenet_256/dit_xl2.yaml")
+    assert cfg.extract.precision == "fp32"  # the permanent cache is encoded exactly
+    assert sampler_settings(cfg, "inference").precision == "fp32"  # DiT's FID protocol (TF32 matmuls)
+    assert sampler_settings(cfg, "inference").cfg_scale == 1.5 and sampler_settings(cfg, "sample").cfg_scale == 4.0
+    assert cfg.evaluate.adm_distances is False and cfg.diffusion.rescale_vb is False

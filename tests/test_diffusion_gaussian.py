@@ -157,9 +157,10 @@ def _expected_vb_bits(betas, x0, noise, eps, v, t):
     return np.array(out)
 
 
-@pytest.mark.parametrize("num_steps", [1000, 100])
-def test_vb_term_against_independent_computation(num_steps):
-    diffusion = create_diffusion(num_steps=num_steps)
+@pytest.mark.parametrize("num_steps,rescale_vb", [(1000, False), (100, False), (100, True)])
+def test_vb_term_against_independent_computation(num_steps, rescale_vb):
+    """DiT does not rescale the VB term for other step counts; IDDPM's RESCALED_MSE multiplies it by T/1000."""
+    diffusion = create_diffusion(num_steps=num_steps, rescale_vb=rescale_vb)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.rand(4, 2, 3, 3, generator=gen) * 2 - 1
     x0[0, 0, 0, 0], x0[0, 0, 0, 1] = 1.0, -1.0  # the open-ended edge bins
@@ -169,7 +170,7 @@ def test_vb_term_against_independent_computation(num_steps):
     terms = diffusion.training_losses(lambda x_t, t_: torch.cat([eps, v], 1), x0, t, noise=noise)
     expected = _expected_vb_bits(
         diffusion.betas, *(a.double().numpy() for a in (x0, noise, eps, v)), t.numpy()
-    ) * (num_steps / 1000)
+    ) * (num_steps / 1000 if rescale_vb else 1.0)
     assert np.allclose(terms["vb"].numpy(), expected, rtol=2e-3, atol=1e-4)
 
 

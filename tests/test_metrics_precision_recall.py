@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from metrics.precision_recall import manifold_radii, precision_recall
+from metrics.precision_recall import manifold_radii, pairwise_squared_distances, precision_recall
 
 
 def _brute_force(reference, samples, k=3):
@@ -58,3 +58,24 @@ def test_bad_input_raises():
         precision_recall(np.zeros((10, 3)), np.zeros((10, 4)))
     with pytest.raises(ValueError, match="more than k=3"):
         precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+
+
+def test_adm_distances_are_float16_with_a_float32_fallback():
+    rng = np.random.default_rng(0)
+    small = torch.as_tensor(rng.normal(size=(6, 8)), dtype=torch.float32)
+    exact = pairwise_squared_distances(small.double(), small.double())
+    half = pairwise_squared_distances(small, small, adm=True)
+    assert half.dtype == torch.float32 and torch.allclose(half.double(), exact, rtol=1e-2, atol=1e-2)
+    assert not torch.equal(half.double(), exact)  # float16 rounding is really there
+    big = small * 300  # squared norms ~ 7e5 > float16's 65504: float16 overflows, the block is redone in float32
+    fallback = pairwise_squared_distances(big, big, adm=True)
+    assert torch.isfinite(fallback).all() and torch.equal(fallback, pairwise_squared_distances(big.float(), big.float()))
+
+
+def test_adm_rounding_moves_precision_and_recall_only_slightly():
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=(300, 16)).astype(np.float32) * 5
+    samples = (rng.normal(size=(300, 16)) * 1.1 + 0.2).astype(np.float32) * 5
+    exact = precision_recall(reference, samples)
+    adm = precision_recall(reference, samples, adm_distances=True)
+    assert all(abs(a - b) <= 0.02 for a, b in zip(exact, adm))
