@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import h5py
 import numpy as np
 
-from runtime.atomic_file import temporary_name
+from runtime.atomic_file import publish, temporary_name, write_text_atomic
 from datasets.latent_cache import (
     CLASS_NAMES,
     FORMAT_VERSION,
@@ -102,10 +101,7 @@ def read_manifest(folder: Path) -> dict | None:
 
 def write_manifest(folder: Path, manifest: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(folder / MANIFEST)
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    _fsync(tmp)
-    os.replace(tmp, folder / MANIFEST)
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def write_part(path: Path, moments: np.ndarray, errors: Sequence[str], first_item: int) -> None:
@@ -119,8 +115,7 @@ def write_part(path: Path, moments: np.ndarray, errors: Sequence[str], first_ite
             handle.create_dataset(MOMENTS, data=np.asarray(moments, dtype=np.float16))
             handle.create_dataset(PART_ERRORS, data=np.array(list(errors), dtype=object), dtype=_STRINGS)
             handle.attrs["first_item"] = int(first_item)
-        _fsync(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -187,8 +182,7 @@ def write_cache(
             handle.attrs["num_classes"] = len(class_names)
             handle.attrs["num_skipped"] = len(skipped_paths)
             handle.attrs["complete"] = True
-        _fsync(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -239,9 +233,3 @@ def assemble_parts(
 
 def _strings(values: Sequence[str]) -> np.ndarray:
     return np.array([str(v) for v in values], dtype=object).reshape(len(values))
-
-
-def _fsync(path: Path) -> None:
-    """Make the bytes durable before the rename publishes the file."""
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())

@@ -6,14 +6,13 @@ Stored uncompressed (as `np.savez` does) so readers can memory-map it.
 """
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-from runtime.atomic_file import temporary_name
+from runtime.atomic_file import atomic_write
 
 
 def write_member(archive: zipfile.ZipFile, name: str, shape: tuple, dtype: np.dtype, chunks: Iterable[np.ndarray]) -> None:
@@ -34,16 +33,10 @@ def write_member(archive: zipfile.ZipFile, name: str, shape: tuple, dtype: np.dt
 
 
 def write_npz(path: Path, members: list[tuple[str, tuple, np.dtype, Iterable[np.ndarray]]]) -> Path:
-    """Write every member to a temporary file, then rename it to `path` (atomic)."""
+    """Write every member to a temporary file, then rename it to `path` (atomic, fsynced)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
-        with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with atomic_write(path) as handle:
+        with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             for name, shape, dtype, chunks in members:
                 write_member(archive, name, shape, dtype, chunks)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -73,6 +73,14 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """For writers that need a file name (h5py): fsync the finished `tmp`, rename it to `path`, fsync the folder."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path) as handle:
         handle.write(text.encode("utf-8"))

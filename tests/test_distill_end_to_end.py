@@ -2,7 +2,9 @@
 second stage, resume, and the result equals an uninterrupted run; then sample and inference from
 the students; and bad inputs stop before any work."""
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from phases.distill_report import read_stages
 from phases.generation import load_generator
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
 from runtime.config import ConfigError, load_config, sampler_settings
+from runtime.preemption import Preempted
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/demo/digits_distill.yaml")
@@ -231,3 +234,24 @@ def test_a_distillation_does_not_continue_with_other_settings(distilled, teacher
         with pytest.raises(ValueError, match=f"holds a distillation made with other settings.*{changed}"):
             distill.run(load_config(CONFIG, overrides(teacher, run, override)))
     assert (run / "config.distill.yaml").read_text() == before
+
+
+def test_a_stop_signal_during_distillation_saves_the_step_and_the_rerun_matches(teacher, tmp_path, monkeypatch):
+    one_stage = ["distill.start_steps=4", "distill.end_steps=2", "distill.iters_per_stage=6", "distill.ckpt_every=100"]
+    full = load_checkpoint(distill.run(load_config(CONFIG, overrides(teacher, tmp_path / "full", *one_stage))))
+    real = torch.optim.AdamW.step
+    calls = []
+
+    def step_then_signal(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+    with pytest.raises(Preempted, match=r"stopped at step 4 on SIGTERM; checkpoint .*0002_steps/checkpoints/0000004.pt"):
+        distill.run(load_config(CONFIG, overrides(teacher, tmp_path / "stopped", *one_stage)))
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    resumed = load_checkpoint(distill.run(load_config(CONFIG, overrides(teacher, tmp_path / "stopped", *one_stage))))
+    for name, tensor in full["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name

@@ -1,6 +1,7 @@
 """Stop signals and run locks as a cluster delivers them: SIGTERM to torchrun (2 CPU processes), a second run
 on a busy folder, a killed run's lock, and extract/inference stopping at a part boundary."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -58,7 +59,7 @@ def test_sigterm_under_torchrun_checkpoints_the_step_and_the_rerun_matches(cache
     victim.send_signal(signal.SIGTERM)  # to the launcher, as Slurm does; torchrun forwards it to the workers
     _, stderr = victim.communicate(timeout=120)
     assert victim.returncode != 0
-    stopped = [int(step) for step in __import__("re").findall(r"stopped at step (\d+) on SIGTERM", stderr)]
+    stopped = [int(step) for step in re.findall(r"stopped at step (\d+) on SIGTERM", stderr)]
     assert stopped and 0 < stopped[0] < STEPS, stderr
     assert [s for s, _ in list_checkpoints(exp / "checkpoints")] == [stopped[0]]
 
