@@ -132,6 +132,12 @@ class LatentDataset(Dataset):
             self._array = self._load_into_memory()
             self._pid = "in-memory"
 
+    @classmethod
+    def from_config(cls, data) -> "LatentDataset":
+        """The training view of `data.cache_path` as the `data` config section sets it up."""
+        return cls(data.cache_path, sample_posterior=data.sample_posterior, random_flip=data.random_flip,
+                   in_memory=data.in_memory)
+
     def __len__(self) -> int:
         return len(self.labels)
 

@@ -123,8 +123,7 @@ def distil(cfg: DictConfig, plan: Plan) -> Path:
         evaluator = StageEvaluator(cfg, plan.schedule, guidance.scale, autoencoder, classes, (channels, size, size),
                                    original_denoise, str(plan.teacher_path), device)
         save_config(cfg, Path(cfg.experiment_dir) / "config.distill.yaml")
-    dataset = LatentDataset(cfg.data.cache_path, sample_posterior=cfg.data.sample_posterior,
-                            random_flip=cfg.data.random_flip, in_memory=cfg.data.in_memory)
+    dataset = LatentDataset.from_config(cfg.data)
     info(
         f"distilling {loaded.model_args['name']} from {plan.teacher_path}: {dc.start_steps} teacher steps -> "
         f"{' -> '.join(map(str, plan.counts))} student steps, {dc.iters_per_stage} updates per stage"

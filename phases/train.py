@@ -44,8 +44,7 @@ def run(cfg: DictConfig) -> Path | None:
         load_pretrained(model, cfg.model.init_from, prefer_ema=True)
         info(f"initialised from {cfg.model.init_from}")
     method = build_method(cfg, model.to(device), device)
-    dataset = LatentDataset(cfg.data.cache_path, sample_posterior=cfg.data.sample_posterior,
-                            random_flip=cfg.data.random_flip, in_memory=cfg.data.in_memory)
+    dataset = LatentDataset.from_config(cfg.data)
     info(
         f"training {margs['name']} ({sum(p.numel() for p in model.parameters()):,} parameters, method "
         f"{cfg.model.method}) on {len(train_items)} items, latent {margs['in_channels']}x{margs['input_size']}x"

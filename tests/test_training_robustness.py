@@ -14,6 +14,7 @@ from phases import extract, sample, train
 from runtime.atomic_file import DiskFullError
 from runtime.checkpoint import BrokenCheckpointError, list_checkpoints, load_checkpoint
 from runtime.config import ConfigError, load_config
+from runtime.console import MetricsLog, wandb_run_id
 from runtime.preemption import Preempted
 from runtime.training_loop import NonFiniteLossError
 
@@ -156,3 +157,21 @@ def test_a_cache_with_more_classes_than_the_model_is_an_error(cache, tmp_path):
     with pytest.raises(ValueError, match=r"has 10 classes \(labels up to 9\) but model.num_classes=5"):
         train.run(cfg_for(cache, tmp_path, "model.num_classes=5"))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_wandb_continues_one_run_per_folder_and_phase(tmp_path):
+    first = wandb_run_id(tmp_path, "train")
+    assert wandb_run_id(tmp_path, "train") == first != wandb_run_id(tmp_path, "distill")
+    assert (tmp_path / "wandb_train.id").read_text().strip() == first
+
+
+def test_wandb_offline_resumes_the_same_run(cache, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = []
+    for max_steps in (2, 4):
+        cfg = cfg_for(cache, tmp_path, f"train.max_steps={max_steps}", "wandb.mode=offline")
+        log = MetricsLog(cfg, "train")
+        ids.append(log.wandb_run.id)
+        log.close()
+    assert ids[0] == ids[1] == (tmp_path / "logs" / "wandb_train.id").read_text().strip()
