@@ -9,6 +9,7 @@ rank 0's folder (no shared filesystem) fails clearly instead of writing its own 
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -66,7 +67,13 @@ class RunLock:
         handle = open(path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                handle.close()
+                raise RunLockedError(
+                    f"cannot lock {path} ({err.strerror}): the filesystem of {self.what} does not support flock; "
+                    "use a local disk, NFSv4, or Lustre mounted with the flock option"
+                ) from None
             handle.seek(0)
             holder = _describe(handle.read())
             handle.close()

@@ -145,3 +145,15 @@ def test_extract_stops_at_a_part_boundary_and_continues(cache, tmp_path, monkeyp
     import h5py
     with h5py.File(tmp_path / "c.h5") as a, h5py.File(cache) as b:
         assert np.array_equal(a["moments"][:], b["moments"][:])
+
+
+def test_a_filesystem_without_flock_is_named_not_taken_for_a_busy_folder(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def unsupported(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    with pytest.raises(RunLockedError, match="does not support flock"):
+        RunLock(tmp_path).__enter__()
