@@ -48,12 +48,12 @@ class StopSignals:
                 pass
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
-        if self.pending is not None:
+        if self.pending is not None and exc_type is None:  # after an error another rank may never answer
             self.pending[0].wait()
-            self.pending = None
+        self.pending = None
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
