@@ -163,15 +163,14 @@ def run_stage(cfg, index: int, steps: int, teacher: Teacher, guidance: Guidance,
     student, margs = make_student(teacher.model_args, teacher.weights, guidance.conditioned)
     method = DistillMethod(student.to(device), teacher.denoise, schedule, steps, dc.parameterization,
                            dc.loss_weight, guidance)
-    identity = {"parameterization": dc.parameterization, "loss_weight": dc.loss_weight, **guidance.as_dict(),
-                "schedule": cfg.diffusion.schedule, "num_steps": cfg.diffusion.num_steps}
     metadata = {
         **base_metadata,
-        "identity": identity,  # a stage resumes only with these unchanged
         "model_args": margs,
-        "distill": {
-            "steps": steps, "teacher_steps": 2 * steps, "stage": index, **identity, "time_mapping": TIME_MAPPING,
-            "teacher": original_path, "stage_teacher": teacher.source,
+        "distill": {  # what sampling with this student needs, and where it came from
+            "steps": steps, "teacher_steps": 2 * steps, "stage": index, "parameterization": dc.parameterization,
+            "loss_weight": dc.loss_weight, **guidance.as_dict(), "schedule": cfg.diffusion.schedule,
+            "num_steps": cfg.diffusion.num_steps, "time_mapping": TIME_MAPPING, "teacher": original_path,
+            "stage_teacher": teacher.source,
         },
     }
     info(f"stage {index + 1}: {2 * steps} -> {steps} steps ({folder})")
