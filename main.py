@@ -1,7 +1,9 @@
 """Command line: `python main.py -c CONFIG -p PHASE [a.b=value ...]` (also under torchrun).
 
 Phases: extract (images -> autoencoder -> HDF5 latent cache), train, sample (PNG grid),
-inference (many samples -> ADM .npz), evaluate (FID / IS / precision / recall).
+inference (many samples -> ADM .npz), evaluate (FID / IS / precision / recall), distill
+(progressive distillation). torch is imported only once a phase runs, so --help and
+--print-config answer at once.
 """
 from __future__ import annotations
 
@@ -9,12 +11,7 @@ import argparse
 import importlib
 import sys
 
-from runtime import distributed as dist
-from runtime.atomic_file import DiskFullError
-from runtime.config import PHASES, ConfigError, load_config
-from runtime.preemption import Preempted
-from runtime.run_lock import RunLockedError
-from runtime.training_loop import NonFiniteLossError
+from runtime.config import PHASES, ConfigError, load_config  # omegaconf only: no torch yet
 
 EPILOG = """\
 examples:
@@ -38,6 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("-c", "--config", required=True, help="experiment YAML under configs/")
     parser.add_argument("-p", "--phase", required=True, choices=PHASES, help="what to run")
     parser.add_argument("overrides", nargs="*", metavar="a.b=value", help="config overrides")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (schema <- base.yaml chain <- file <- overrides) and exit")
     return parser.parse_args(argv)
 
 
@@ -48,6 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if args.print_config:  # touches nothing
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    from runtime import distributed as dist
+    from runtime.atomic_file import DiskFullError
+    from runtime.preemption import Preempted
+    from runtime.run_lock import RunLockedError
+    from runtime.training_loop import NonFiniteLossError
+
     phase = importlib.import_module(f"phases.{args.phase}")
 
     dist.init()

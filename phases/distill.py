@@ -31,7 +31,7 @@ from phases.validation import holdout_split
 from runtime import distributed as dist
 from runtime import training_loop
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, stage_dir
-from runtime.config import save_config, to_container
+from runtime.config import record_config, to_container
 from runtime.console import MetricsLog, info
 from runtime.data_stream import mix_seed
 from runtime.model_spec import check_cache_matches_config, check_same_model, model_args_from_cache
@@ -122,7 +122,7 @@ def distil(cfg: DictConfig, plan: Plan) -> Path:
         size = loaded.model_args["input_size"]
         evaluator = StageEvaluator(cfg, plan.schedule, guidance.scale, autoencoder, classes, (channels, size, size),
                                    original_denoise, str(plan.teacher_path), device)
-        save_config(cfg, Path(cfg.experiment_dir) / "config.distill.yaml")
+        record_config(cfg, "distill")
     dataset = LatentDataset.from_config(cfg.data)
     info(
         f"distilling {loaded.model_args['name']} from {plan.teacher_path}: {dc.start_steps} teacher steps -> "

@@ -21,6 +21,7 @@ from metrics.reference import reference_statistics
 from phases.generation import output_root
 from runtime import distributed as dist
 from runtime.atomic_file import write_text_atomic
+from runtime.config import record_config
 from runtime.console import MetricsLog, info
 
 REFERENCE_HELP = (
@@ -132,6 +133,9 @@ def run(cfg: DictConfig, feature_extractor: Optional[FeatureExtractor] = None) -
     extractor = feature_extractor
     if extractor is None:
         extractor = build_inception(ec.inception_weights, dist.device())
+    record_config(cfg, "evaluate")
+    info(f"evaluating {samples} against {reference} with {extractor.id} (precision/recall distances: "
+         f"{'float16 with float32 fallback, as ADM' if ec.adm_distances else 'float64'})")
 
     results = evaluate_npz(samples, reference, extractor, ec.batch_size, reference_cache_dir(cfg),
                            adm_distances=ec.adm_distances)

@@ -45,6 +45,7 @@ from runtime import distributed as dist
 from runtime.atomic_file import remove_stale_temporaries
 from runtime.preemption import Preempted, StopSignals
 from runtime.run_lock import RunLock
+from runtime.config import record_config
 from runtime.console import info
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ def run(cfg: DictConfig) -> Path:
             info(f"latent cache {cache_path} is already complete ({finished} items): nothing to do")
             return cache_path
         ae = load_autoencoder(cfg.autoencoder.name, dist.device(), cfg.autoencoder.scale_factor, cfg.extract.precision)
+        if dist.is_main():
+            record_config(cfg, "extract")
         _extract(cfg, source, ae, cache_path, folder, expected_settings(cfg, source, fingerprint, ae))
     return cache_path
 

@@ -19,7 +19,7 @@ from phases.npz_writer import write_npz
 from runtime import distributed as dist
 from runtime.atomic_file import atomic_write, remove_stale_temporaries
 from runtime.checkpoint import resolve_checkpoint
-from runtime.config import sampler_settings
+from runtime.config import record_config, sampler_settings
 from runtime.preemption import Preempted, StopSignals
 from runtime.run_identity import FILE as RUN_FILE, check_run_identity
 from runtime.run_lock import RunLock
@@ -126,6 +126,8 @@ def _generate(cfg: DictConfig, out: Path) -> None:
     settings = sampler_settings(cfg, "inference")
     ckpt = resolve_checkpoint(cfg.ckpt, cfg.experiment_dir, settings.sampler, settings.steps)
     generator = load_generator(cfg, ckpt, settings, cfg.sample.use_ema, dist.device())
+    if dist.is_main():
+        record_config(cfg, "inference")
     labels = sample_labels(ic.num_samples, generator.model_args["num_classes"], cfg.seed, ic.class_balanced)
     parts_dir = out.with_name(out.name + ".parts")
     identity = {

@@ -12,7 +12,7 @@ from torchvision.utils import make_grid
 from phases.generation import load_generator, output_root, to_pil
 from runtime import distributed as dist
 from runtime.checkpoint import resolve_checkpoint
-from runtime.config import sampler_settings
+from runtime.config import record_config, sampler_settings
 from runtime.console import info
 
 
@@ -30,6 +30,7 @@ def run(cfg: DictConfig) -> Path | None:
     settings = sampler_settings(cfg, "sample")
     ckpt = resolve_checkpoint(cfg.ckpt, cfg.experiment_dir, settings.sampler, settings.steps)
     generator = load_generator(cfg, ckpt, settings, cfg.sample.use_ema, dist.device())
+    record_config(cfg, "sample")
     classes = list(cfg.sample.classes)
     if not classes:
         raise ValueError("sample.classes is empty")

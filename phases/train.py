@@ -18,7 +18,7 @@ from phases.validation import holdout_split, validation_loss
 from runtime import distributed as dist
 from runtime import training_loop
 from runtime.checkpoint import latest_checkpoint
-from runtime.config import save_config, to_container
+from runtime.config import record_config, to_container
 from runtime.console import MetricsLog, info
 from runtime.model_spec import check_cache_matches_config, model_args_from_cache
 from runtime.run_lock import RunLock
@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> Path | None:
     }
     with RunLock(exp):  # one run per folder, for the whole run
         if dist.is_main():
-            save_config(cfg, exp / "config.yaml")
+            record_config(cfg, "train")
         log = MetricsLog(cfg, "train")
         try:
             last = training_loop.run(settings, method, dataset, train_items, exp, metadata, log,

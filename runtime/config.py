@@ -359,6 +359,14 @@ def sampler_settings(cfg: DictConfig, phase: str) -> DictConfig:
     return settings
 
 
+def record_config(cfg: DictConfig, phase: str) -> Path:
+    """What ran: the resolved config of `phase` as <experiment_dir>/config.<phase>.yaml (call it on rank 0,
+    once the phase's inputs have been checked)."""
+    path = Path(cfg.experiment_dir) / f"config.{phase}.yaml"
+    save_config(cfg, path)
+    return path
+
+
 def save_config(cfg: DictConfig, path: Path) -> None:
     """Write the resolved config (what actually ran) next to the run's outputs."""
     write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))

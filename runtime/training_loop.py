@@ -10,6 +10,7 @@ from (seed, step), so a run resumed from a checkpoint continues exactly as an un
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,11 +345,20 @@ def _save(run_dir: Path, step: int, method: Method, state: LoopState, settings: 
             raise DiskFullError(err.errno, f"{err.strerror}; {kept}; free space (keep_last=K needs room for "
                                            "K+1 checkpoints) and re-run to continue") from None
         del checkpoint
+        _write_line(f"saved checkpoint {path}")
         for old_step, old in list_checkpoints(checkpoint_dir(run_dir)):
             if old_step < step and old_step % settings.ckpt_every:  # a superseded time/stop checkpoint
                 old.unlink(missing_ok=True)
     dist.barrier()
     return path
+
+
+def _write_line(message: str) -> None:
+    """A console line that does not break a progress bar (rank 0)."""
+    if dist.is_main():
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stdout)
 
 
 def _check_finite_weights(method: Method, state: LoopState, step: int, last_saved: Path | None) -> None:

@@ -192,7 +192,7 @@ def plan(comparison: Comparison, strategies: list[Strategy]) -> None:
 
 def check_same_settings(strategy: Strategy) -> None:
     """An existing run folder must have been made with the planned config (its location aside)."""
-    saved_path = strategy.run_dir / "config.yaml"
+    saved_path = strategy.run_dir / "config.train.yaml"
     if not saved_path.is_file():
         return
     saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)

@@ -78,7 +78,7 @@ def test_reports_match_the_runs_logs(comparison):
                f"| {logged[best_step]['val_mse']:.5f} | {best_step} |")
         assert row in table
     # the two runs really differ only in their timestep strategy, and start from the same weights
-    configs = {n: OmegaConf.load(out / "runs" / n / "config.yaml") for n in ("uniform", "spd")}
+    configs = {n: OmegaConf.load(out / "runs" / n / "config.train.yaml") for n in ("uniform", "spd")}
     assert configs["uniform"].diffusion.timesteps.sampler == "uniform"
     assert configs["spd"].diffusion.timesteps.sampler == "speed" and configs["spd"].diffusion.timesteps.tau == 700
     for cfg in configs.values():

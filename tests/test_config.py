@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from runtime.config import ConfigError, config_chain, load_config, sampler_settings
 
@@ -139,3 +140,22 @@ def test_imagenet_defaults_are_faithful_to_the_protocols():
     assert sampler_settings(cfg, "inference").precision == "fp32"  # DiT's FID protocol (TF32 matmuls)
     assert sampler_settings(cfg, "inference").cfg_scale == 1.5 and sampler_settings(cfg, "sample").cfg_scale == 4.0
     assert cfg.evaluate.adm_distances is False and cfg.diffusion.rescale_vb is False
+
+
+def test_print_config_prints_the_resolved_config_and_touches_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, "main.py", "-c", "configs/demo/digits_distill.yaml", "-p", "train",
+                           f"experiment_dir={tmp_path / 'run'}", "train.lr=0.5", "--print-config"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    printed = OmegaConf.create(proc.stdout)
+    assert printed.train.lr == 0.5 and printed.sample.cfg_scale == printed.distill.cfg_scale == 2.0  # resolved
+    assert printed.experiment_dir == str(tmp_path / "run") and not (tmp_path / "run").exists()
+
+
+def test_help_and_print_config_do_not_import_torch():
+    probe = ("import runpy, sys\nsys.argv = ['main.py'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_path('main.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('torch imported:', 'torch' in sys.modules)")
+    for args in (["--help"], ["-c", "configs/demo/digits.yaml", "-p", "train", "--print-config"]):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.stdout.strip().endswith("torch imported: False"), proc.stdout + proc.stderr

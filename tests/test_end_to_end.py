@@ -69,15 +69,17 @@ def test_killed_torchrun_training_resumes_to_the_same_result(cache, tmp_path):
     # the logged loss curve continues exactly: the last logged losses agree
     last = lambda d: [l for l in (d / "logs/train.jsonl").read_text().splitlines() if '"loss"' in l][-1]
     assert last(full_dir).split('"time"')[0] == last(killed_dir).split('"time"')[0]
-    assert (full_dir / "config.yaml").is_file()
+    assert (full_dir / "config.train.yaml").is_file()
     assert '"val_mse"' in (full_dir / "logs/train.jsonl").read_text()
 
 
 def test_train_then_sample_grid(cache, tmp_path):
     exp = tmp_path / "run"
-    main_py("-p", "train", f"experiment_dir={exp}", f"data.cache_path={cache}", *TRAIN, "train.max_steps=4")
+    trained = main_py("-p", "train", f"experiment_dir={exp}", f"data.cache_path={cache}", *TRAIN, "train.max_steps=4")
+    assert f"saved checkpoint {exp / 'checkpoints' / '0000004.pt'}" in trained.stdout
     proc = main_py("-p", "sample", f"experiment_dir={exp}", f"data.cache_path={cache}",
                    "sample.steps=5", "sample.classes=[1,7]", "sample.per_class=3")
+    assert {p.name for p in exp.glob("config.*.yaml")} == {"config.train.yaml", "config.sample.yaml"}
     grid = Image.open(exp / "samples" / "grid.png")
     assert grid.size == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2)
     singles = sorted((exp / "samples").glob("*_class*.png"))
