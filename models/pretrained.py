@@ -149,10 +149,46 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def load_pretrained(model: nn.Module, path: str | Path, prefer_ema: bool = True, obj: object = None) -> str:
-    """Load the weights in `path` into `model` strictly (`obj`: the file already read, so it is read once).
+def resized_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """The checkpoint's weights fitted to a model of another resolution or number of classes.
 
-    Returns which entry was used: "ema", "model", or "state_dict" for a plain state dict.
+    Every weight is copied except two, which the new model keeps from its own initialisation:
+    pos_embed (DiT's fixed sin-cos table, recomputed for the new token grid) and, when the class
+    count differs, the label table, whose last row (the null class of classifier-free guidance)
+    is copied from the checkpoint's last row. Anything else that does not fit is an error.
+    Returns (state dict for load_state_dict(strict=True), what was not copied).
+    """
+    out, kept = dict(expected), []
+    problems = [f"unexpected key {k}" for k in state if k not in expected]
+    problems += [f"missing key {k}" for k in expected if k not in state]
+    for key, value in state.items():
+        if key not in expected:
+            continue
+        want = expected[key]
+        if key == "pos_embed" and value.shape != want.shape:
+            kept.append(f"pos_embed recomputed for {want.shape[1]} tokens (was {value.shape[1]})")
+        elif key == "y_embedder.embedding_table.weight" and value.shape != want.shape and value.shape[1:] == want.shape[1:]:
+            table = want.clone()
+            table[-1] = value[-1]
+            out[key] = table
+            kept.append(f"label table new for {want.shape[0]} rows (was {value.shape[0]}); null-class row copied")
+        elif value.shape != want.shape:
+            problems.append(f"{key}: checkpoint {list(value.shape)} vs model {list(want.shape)}")
+        else:
+            out[key] = value
+    if problems:
+        raise ValueError("model.init_mode=resize only adapts the image size and the number of classes; also "
+                         "different: " + "; ".join(problems[:_SHOWN]))
+    return out, kept
+
+
+def load_pretrained(model: nn.Module, path: str | Path, prefer_ema: bool = True, obj: object = None,
+                    mode: str = "strict") -> str:
+    """Load the weights in `path` into `model` (`obj`: the file already read, so it is read once).
+
+    mode "strict": every key and shape must match. "resize": see resized_state (fine-tuning to
+    another resolution or class count). Returns which entry was used ("ema", "model", or
+    "state_dict" for a plain state dict), and for "resize" what was not copied.
     """
     path = Path(path)
     if obj is None:
@@ -165,6 +201,15 @@ def load_pretrained(model: nn.Module, path: str | Path, prefer_ema: bool = True,
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     model = _unwrap(model)
+    if mode == "resize":
+        try:
+            state, kept = resized_state(state, model.state_dict())
+        except ValueError as err:
+            raise ValueError(f"{path} ({source} weights): {err}") from None
+        model.load_state_dict(state, strict=True)
+        return f"{source}; " + ("; ".join(kept) if kept else "every weight copied")
+    if mode != "strict":
+        raise ValueError(f"model.init_mode={mode!r} is not one of strict, resize")
     report = _mismatch_report(state, model.state_dict())
     if report is not None:
         raise ValueError(f"{path} ({source} weights) does not fit {type(model).__name__}:\n{report}")

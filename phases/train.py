@@ -41,8 +41,8 @@ def run(cfg: DictConfig) -> Path | None:
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
     model = create_model(**margs, grad_checkpointing=cfg.model.grad_checkpointing)
     if cfg.model.init_from and latest_checkpoint(exp) is None:  # a resumed run loads its own weights
-        load_pretrained(model, cfg.model.init_from, prefer_ema=True)
-        info(f"initialised from {cfg.model.init_from}")
+        used = load_pretrained(model, cfg.model.init_from, prefer_ema=True, mode=cfg.model.init_mode)
+        info(f"initialised from {cfg.model.init_from} ({used})")
     method = build_method(cfg, model.to(device), device)
     dataset = LatentDataset.from_config(cfg.data)
     info(

@@ -34,6 +34,7 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     grad_checkpointing: bool = False
     init_from: Optional[str] = None  # a checkpoint to initialise training from (fine-tuning)
+    init_mode: str = "strict"  # strict | resize (another image size or number of classes: see README)
     method: str = "diffusion"  # the training method of `train` (methods/): diffusion = IDDPM as DiT
 
 
@@ -284,6 +285,7 @@ _CHOICES = {
     "diffusion.schedule": ("linear", "cosine"),
     "wandb.mode": ("online", "offline", "disabled"),
     "data.source": ("folder", "digits"),
+    "model.init_mode": ("strict", "resize"),
 }
 
 

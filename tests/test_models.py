@@ -379,3 +379,33 @@ def test_missing_and_unreadable_files(tmp_path):
     garbage.write_bytes(b"this is not a checkpoint")
     with pytest.raises(ValueError, match="garbage.pt"):
         load_pretrained(tiny(), garbage)
+
+
+def test_resize_fine_tune_copies_what_it_should(tmp_path):
+    """A 256-px DiT-S/2 (32x32 latents, 1000 classes) into a 512-px, 100-class one: every weight is copied
+    except the fixed position table (recomputed) and the class rows of the label table (the null row is kept)."""
+    torch.manual_seed(0)
+    old = randomize(create_model("DiT-S/2", input_size=32, num_classes=1000))
+    path = tmp_path / "s2_256.pt"
+    torch.save({"model": old.state_dict(), "ema": old.state_dict()}, path)
+    torch.manual_seed(1)
+    new = create_model("DiT-S/2", input_size=64, num_classes=100)
+    fresh = {k: v.clone() for k, v in new.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit"):
+        load_pretrained(new, path)  # strict stays the default
+    used = load_pretrained(new, path, mode="resize")
+    assert "pos_embed recomputed for 1024 tokens (was 256)" in used and "label table new for 101 rows (was 1001)" in used
+    loaded, before = new.state_dict(), old.state_dict()
+    assert torch.equal(loaded["pos_embed"], fresh["pos_embed"])
+    table = loaded["y_embedder.embedding_table.weight"]
+    assert torch.equal(table[:-1], fresh["y_embedder.embedding_table.weight"][:-1])
+    assert torch.equal(table[-1], before["y_embedder.embedding_table.weight"][-1])  # the null class, kept last
+    copied = [k for k in before if k not in ("pos_embed", "y_embedder.embedding_table.weight")]
+    assert len(copied) == len(before) - 2 and all(torch.equal(loaded[k], before[k]) for k in copied)
+
+
+def test_resize_refuses_other_architecture_changes(tmp_path):
+    path = tmp_path / "t4.pt"
+    torch.save(tiny().state_dict(), path)
+    with pytest.raises(ValueError, match="only adapts the image size and the number of classes.*x_embedder"):
+        load_pretrained(tiny(in_channels=3), path, mode="resize")

@@ -175,3 +175,19 @@ def test_wandb_offline_resumes_the_same_run(cache, tmp_path, monkeypatch):
         ids.append(log.wandb_run.id)
         log.close()
     assert ids[0] == ids[1] == (tmp_path / "logs" / "wandb_train.id").read_text().strip()
+
+
+def test_fine_tuning_to_another_size_and_class_count(cache, tmp_path):
+    """model.init_mode=resize: a 16-px, 10-class demo checkpoint trains on 32-px digits with 12 classes."""
+    source = train.run(cfg_for(cache, tmp_path / "small", "train.max_steps=2"))
+    big_cache = tmp_path / "digits32.h5"
+    extract.run(load_config(CONFIG, [f"data.cache_path={big_cache}", "data.image_size=32"]))
+    common = [f"model.init_from={source}", "data.image_size=32", "model.num_classes=12", "train.max_steps=1",
+              "train.lr=1e-12", "train.warmup_steps=0"]
+    with pytest.raises(ValueError, match="does not fit"):
+        train.run(cfg_for(big_cache, tmp_path / "strict", *common))
+    tuned = load_checkpoint(train.run(cfg_for(big_cache, tmp_path / "tuned", *common, "model.init_mode=resize")))
+    before = load_checkpoint(source)["ema"]
+    assert tuned["model_args"]["input_size"] == 32 and tuned["model"]["y_embedder.embedding_table.weight"].shape[0] == 13
+    assert torch.allclose(tuned["model"]["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"], atol=1e-6)
+    assert tuned["model"]["pos_embed"].shape[1] == 64
