@@ -48,6 +48,9 @@ class Method(Protocol):
         the device is reproducible too.
         """
 
+    def log_metrics(self) -> dict:
+        """Metrics the method accumulated itself since the last log step (called on every rank, may all-reduce)."""
+
     def state_dict(self) -> dict:
         """Extra state for checkpoints (plain tensors and python values)."""
 

@@ -15,16 +15,22 @@ from diffusion.guidance import guided_model_fn
 from diffusion.sampler import build_sampler
 from diffusion.timesteps import build_timestep_strategy
 from methods.base import Objective
+from methods.timestep_buckets import TimestepBuckets
 from runtime.config import ConfigError
 
 
 class DiffusionMethod:
-    """L = w(t) * ||eps - eps_hat||^2 + L_vb (learned sigma), t from the timestep strategy."""
+    """L = w(t) * ||eps - eps_hat||^2 + L_vb (learned sigma), t from the timestep strategy.
 
-    def __init__(self, model: nn.Module, diffusion, strategy):
+    Also keeps the unweighted eps-MSE per timestep bucket (`buckets` equal ranges of t) on the
+    device, reported and reset at log steps: where in t the model still errs, whatever the weighting.
+    """
+
+    def __init__(self, model: nn.Module, diffusion, strategy, buckets: int = 0):
         self.model = model
         self.diffusion = diffusion
         self.strategy = strategy
+        self.buckets = TimestepBuckets(diffusion.num_timesteps, buckets) if buckets else None
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
@@ -39,8 +45,14 @@ class DiffusionMethod:
         )
         raw = terms["mse"].detach() + (terms["vb"].detach() if "vb" in terms else 0.0)
         self.strategy.update(ts.t, raw)  # the loss-aware sampler's history (a no-op for the others)
+        if self.buckets is not None:
+            self.buckets.add(ts.t, terms["mse"].detach())
         loss = terms["loss"].float().mean()
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach(), "mse": terms["mse"].detach().float().mean()}
+
+    def log_metrics(self) -> dict:
+        """Mean eps-MSE per timestep bucket since the last call, over all ranks (then reset)."""
+        return self.buckets.report("mse") if self.buckets is not None else {}
 
     def state_dict(self) -> dict:
         return {"timesteps": self.strategy.state_dict()}
@@ -54,7 +66,7 @@ def build(cfg: DictConfig, model: nn.Module, device: torch.device) -> DiffusionM
     diffusion = create_diffusion(cfg.diffusion.num_steps, cfg.diffusion.schedule, learn_sigma=model.learn_sigma,
                                  rescale_vb=cfg.diffusion.rescale_vb)
     strategy = build_timestep_strategy(cfg.diffusion.timesteps, diffusion, device)
-    return DiffusionMethod(model, diffusion, strategy)
+    return DiffusionMethod(model, diffusion, strategy, buckets=cfg.train.loss_buckets)
 
 
 def check_null_class(model_args: dict, setting: str) -> None:

@@ -144,6 +144,9 @@ class DistillMethod:
         z_end = ddim_step(z_mid, self.teacher(z_mid, t_mid, y, scale), a_mid, s_mid, a_end, s_end)
         return z_t, distillation_target(z_t, z_end, a_t, s_t, a_end, s_end), (a_t, s_t)
 
+    def log_metrics(self) -> dict:
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 

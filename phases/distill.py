@@ -23,6 +23,7 @@ from diffusion.progressive_distillation import stage_step_counts
 from diffusion.schedule import get_beta_schedule
 from methods.diffusion import check_null_class
 from methods.distill import DistillMethod, Guidance, eps_teacher, make_student, student_denoiser
+from models.flops import dit_forward_flops
 from models.pretrained import extract_state_dict
 from phases.distill_report import StageEvaluator, write_quality_figure
 from phases import inference
@@ -176,7 +177,9 @@ def run_stage(cfg, index: int, steps: int, teacher: Teacher, guidance: Guidance,
     info(f"stage {index + 1}: {2 * steps} -> {steps} steps ({folder})")
     started = time.perf_counter()
     offset = sum(stage_iters(dc, i) for i in range(index))  # wandb steps keep rising over the stages
-    last = training_loop.run(stage_settings(cfg, index, steps), method, dataset, items, folder, metadata,
+    doubled = index == 0 and (guidance.scale != 1.0 or guidance.conditioned)  # the first teacher's CFG pair
+    flops = (3 + 2 * (2 if doubled else 1)) * dit_forward_flops(margs)  # student update + two teacher steps
+    last = training_loop.run(stage_settings(cfg, index, steps, flops), method, dataset, items, folder, metadata,
                              StageLog(log, steps), log_offset=offset)
     weights = extract_state_dict(load_checkpoint(last), prefer_ema=True)  # EMA when the student keeps one
     student.load_state_dict(weights)
@@ -212,12 +215,12 @@ def stage_iters(dc: DictConfig, index: int) -> int:
     return dc.first_stage_iters if index == 0 and dc.first_stage_iters else dc.iters_per_stage
 
 
-def stage_settings(cfg: DictConfig, index: int, steps: int) -> training_loop.LoopSettings:
+def stage_settings(cfg: DictConfig, index: int, steps: int, flops_per_image: float = 0.0) -> training_loop.LoopSettings:
     """The loop settings of one stage: distill.*, the LR annealed linearly to 0, a seed of its own."""
     dc = cfg.distill
     return training_loop.LoopSettings.from_config(
         dc, seed=mix_seed(cfg.seed, steps), num_workers=cfg.data.num_workers, max_steps=stage_iters(dc, index),
-        lr_schedule="linear", desc=f"distill {steps} steps",
+        lr_schedule="linear", desc=f"distill {steps} steps", flops_per_image=flops_per_image,
     )
 
 

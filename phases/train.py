@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from datasets.latent_cache import LatentDataset, read_cache_info
 from methods import build_method
 from models import create_model
+from models.flops import dit_forward_flops
 from models.pretrained import load_pretrained
 from phases.validation import holdout_split, validation_loss
 from runtime import distributed as dist
@@ -35,7 +36,8 @@ def run(cfg: DictConfig) -> Path | None:
     check_cache_matches_config(cfg, cache)
     margs = model_args_from_cache(cfg, cache)
     train_items, _ = holdout_split(cache["num_items"], cfg.data.holdout)
-    settings = training_loop.LoopSettings.from_config(cfg.train, seed=cfg.seed, num_workers=cfg.data.num_workers)
+    settings = training_loop.LoopSettings.from_config(cfg.train, seed=cfg.seed, num_workers=cfg.data.num_workers,
+                                                      flops_per_image=3 * dit_forward_flops(margs))
     settings.check(dist.world_size())
 
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed

@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from datasets.latent_cache import LatentDataset
+from methods.timestep_buckets import TimestepBuckets
 from runtime import distributed as dist
 from runtime.data_stream import mix_seed
 
@@ -39,6 +40,7 @@ def validation_loss(cfg: DictConfig, model, diffusion, dataset: LatentDataset, n
     keys = [(i, mix_seed(cfg.seed, i, 7)) for i in items for _ in range(len(per_item))]
     steps = per_item.repeat(len(items))
     sums = torch.zeros(3, dtype=torch.float64)
+    buckets = TimestepBuckets(diffusion.num_timesteps, cfg.train.loss_buckets) if cfg.train.loss_buckets else None
     generator = torch.Generator().manual_seed(mix_seed(cfg.seed, 11))
     for start in range(0, len(keys), batch_size):
         chunk = keys[start : start + batch_size]
@@ -49,12 +51,15 @@ def validation_loss(cfg: DictConfig, model, diffusion, dataset: LatentDataset, n
             model, x.to(device), t.to(device), model_kwargs={"y": y.to(device)}, noise=noise.to(device)
         )
         sums[0] += terms["mse"].double().sum().cpu()
+        if buckets is not None:
+            buckets.add(t.to(device), terms["mse"])
         if "vb" in terms:
             sums[1] += terms["vb"].double().sum().cpu()
         sums[2] += len(chunk)
     mse, vb = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+    per_bucket = buckets.report("val_mse") if buckets is not None else {}  # every rank did the same items
     dist.barrier()
-    return {"val_mse": mse, "val_vb": vb, "val_loss": mse + vb}
+    return {"val_mse": mse, "val_vb": vb, "val_loss": mse + vb, **per_bucket}
 
 
 def _stack(pairs):

@@ -113,7 +113,9 @@ class TrainConfig:
     log_every: int = 100
     eval_every: int = 0  # 0: off; else validation loss on the held-out items (data.holdout) every N steps
     eval_timesteps: int = 10  # stratified timesteps per held-out item for the validation loss
+    loss_buckets: int = 10  # the unweighted eps-MSE logged in this many equal timestep ranges (0: off)
     progress: bool = True
+    peak_tflops: float = 0.0  # the device's dense peak for MFU; 0: from its name (H100, H200, A100, ...)
 
 
 @dataclass
@@ -147,6 +149,7 @@ class DistillConfig:
     keep_last: int = 2
     log_every: int = 100
     progress: bool = True
+    peak_tflops: float = 0.0  # as train.peak_tflops
     eval_samples: int = 64  # images per stage for the student-vs-teacher latent MSE
     fid_samples: int = 0  # > 0: FID of every student on this many images (needs evaluate.reference / weights)
 
@@ -306,7 +309,8 @@ def _validate(cfg: DictConfig) -> None:
     for key in ("train.keep_last", "distill.keep_last", "train.max_grad_norm", "distill.max_grad_norm",
                 "train.warmup_steps", "distill.warmup_steps", "train.min_lr", "train.weight_decay",
                 "distill.weight_decay", "train.ckpt_every_minutes", "distill.ckpt_every_minutes", "train.eval_every",
-                "data.holdout", "data.num_workers", "extract.num_workers", "sample.cfg_scale", "sample.eta"):
+                "data.holdout", "data.num_workers", "extract.num_workers", "sample.cfg_scale", "sample.eta",
+                "train.peak_tflops", "distill.peak_tflops", "train.loss_buckets"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"invalid value {key}={OmegaConf.select(cfg, key)}: it must be >= 0")
     for key in ("inference.cfg_scale", "inference.eta"):

@@ -5,6 +5,7 @@ wandb is imported only when `wandb.mode` is not "disabled", so machines without 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import uuid
@@ -96,9 +97,14 @@ def wandb_run_id(folder: Path, phase: str) -> str:
 
 
 def format_metrics(step: int, metrics: dict) -> str:
-    """One console line: `step 100 | loss 0.1234 | grad_norm 1.20 | lr 1.0e-04 | img/s 512.3`."""
+    """One console line: `step 100 | loss 0.1234 | grad_norm 1.20 | lr 1.0e-04 | img/s 512.3`.
+
+    Per-timestep-bucket values (`..._tLLL-HHH`) go to the logs and wandb only: they would drown the line.
+    """
     parts = [f"step {step}"]
     for key, value in metrics.items():
+        if re.search(r"_t\d{3}-\d{3}$", key):
+            continue
         if isinstance(value, float):
             text = f"{value:.2e}" if key == "lr" or (value != 0 and abs(value) < 1e-3) else f"{value:.4f}"
         else:

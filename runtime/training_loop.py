@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from methods.base import Method
+from models.flops import mfu, peak_tflops
 from runtime import distributed as dist
 from runtime.atomic_file import DiskFullError, remove_stale_temporaries
 from runtime.checkpoint import (
@@ -71,6 +72,8 @@ class LoopSettings:
     progress: bool = True
     num_workers: int = 0
     desc: str = "train"
+    flops_per_image: float = 0.0  # model FLOPs of one update per image (models/flops.py), for MFU
+    peak_tflops: float = 0.0  # the device's dense peak; 0: from its name when known (else no MFU)
 
     @classmethod
     def from_config(cls, section, seed: int, num_workers: int, **overrides) -> "LoopSettings":
@@ -134,7 +137,7 @@ def run(
     nets = _wrap(modules, settings, device)
     batches = iter(_loader(settings, dataset, items, start, device))
     bar = progress_bar(settings.max_steps, start, settings.desc, settings.progress)
-    window = _Window(device)
+    window = _Window(device, _throughput(settings, device))
     for module in modules.values():
         module.train()
     try:
@@ -145,7 +148,8 @@ def run(
                 bar.update(1)
                 if done % settings.log_every == 0 or done == settings.max_steps:
                     _check_finite(window.nonfinite, done, last_saved)
-                    _report(log, bar, log_offset + done, window.metrics(grad_norms, lr, settings.batch_size))
+                    metrics = window.metrics(grad_norms, lr, settings.batch_size)
+                    _report(log, bar, log_offset + done, {**metrics, **method.log_metrics()})
                 if evaluate is not None and settings.eval_every and (done % settings.eval_every == 0 or done == settings.max_steps):
                     _report(log, bar, log_offset + done, evaluate(modules["model"], state.ema))
                     for module in modules.values():
@@ -167,7 +171,9 @@ def _train_step(step: int, method: Method, nets: dict, state: LoopState, batches
     """One optimizer step of every objective over grad_accum micro-batches; then the EMA. (lr, grad norms)."""
     lr = learning_rate(step, settings.lr, settings.warmup_steps, settings.lr_schedule, settings.max_steps, settings.min_lr)
     torch.manual_seed(mix_seed(settings.seed, step, dist.rank(), 2))  # the step's device-side randomness
+    waited = time.perf_counter()
     micro_batches = [next(batches) for _ in range(settings.grad_accum)]
+    window.data_wait += time.perf_counter() - waited
     grad_norms = {
         objective.name: _update(objective, method, nets, state, micro_batches, settings, lr, step, window)
         for objective in method.objectives()
@@ -277,11 +283,29 @@ def _update(objective, method: Method, nets: dict, state: LoopState, micro_batch
     return grad_norm
 
 
+def _throughput(settings: LoopSettings, device: torch.device) -> Callable[[float], dict]:
+    """img/s -> {"mfu": ...} against the device's dense peak (train.peak_tflops, else by name), and the
+    peak memory on CUDA; nothing when the peak is unknown (the CPU)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = settings.peak_tflops or peak_tflops(name, settings.precision) or 0.0
+
+    def extra(images_per_second: float) -> dict:
+        out = {}
+        if peak and settings.flops_per_image:
+            out["mfu"] = mfu(images_per_second, settings.flops_per_image, peak, dist.world_size())
+        if device.type == "cuda":
+            out["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        return out
+
+    return extra
+
+
 class _Window:
     """Metric sums since the last log step, kept on the device (no host sync per step)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, throughput: Callable[[float], dict]):
         self.device = device
+        self.throughput = throughput
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # sticky: a NaN stops the run
         self.reset()
 
@@ -289,6 +313,7 @@ class _Window:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.steps = 0
+        self.data_wait = 0.0  # host seconds spent waiting for batches
         self.start = time.perf_counter()
 
     def add(self, metrics: dict, loss: torch.Tensor) -> None:
@@ -307,6 +332,8 @@ class _Window:
             out["grad_norm" if name == "model" else f"grad_norm_{name}"] = value
         out["lr"] = lr
         out["img/s"] = self.steps * batch_size / max(time.perf_counter() - self.start, 1e-9)
+        out["data_wait_ms"] = 1000.0 * self.data_wait / max(self.steps, 1)
+        out.update(self.throughput(out["img/s"]))
         self.reset()
         return out
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark_data import make_synthetic_cache  # noqa: E402
 from datasets.latent_cache import read_cache_info  # noqa: E402
 from runtime.config import load_config  # noqa: E402
+from models.flops import dit_forward_flops  # noqa: E402
 from runtime.model_spec import model_args_from_config  # noqa: E402
 
 # Keys this script sets for the timed run; a user override of one of them would change what is timed.
@@ -150,7 +151,25 @@ def main(argv: list[str] | None = None) -> None:
           f"grad_checkpointing={cfg.model.grad_checkpointing}; data: {data}")
     print(f"{steps} steps timed after {args.warmup} warm-up steps: {seconds:.2f} s, {steps / seconds:.2f} steps/s, "
           f"{rate / args.nproc:.1f} img/s per process")
+    print(efficiency(cfg, records, args.warmup, rate, args.nproc))
     print(f"{rate:.1f} img/s")
+
+
+def efficiency(cfg, records: list[dict], warmup: int, rate: float, nproc: int) -> str:
+    """Model FLOPs per image and MFU with the train phase's formula (models/flops.py), peak memory, data wait."""
+    margs = model_args_from_config(cfg)
+    flops = 3 * dit_forward_flops(margs)
+    timed = [r for r in records if r.get("step", 0) > warmup]
+    parts = [f"{margs['name']}: {flops / 1e9:.1f} GFLOP per training image (3 x forward)"]
+    if timed and "mfu" in timed[-1]:  # logged by the train phase against the device's dense peak
+        parts.append(f"MFU {100 * sum(r['mfu'] for r in timed) / len(timed):.1f}%")
+    else:
+        parts.append("MFU: device peak unknown (set train.peak_tflops)")
+    if timed and "max_mem_gib" in timed[-1]:
+        parts.append(f"peak memory {max(r['max_mem_gib'] for r in timed):.1f} GiB")
+    if timed:
+        parts.append(f"data wait {sum(r['data_wait_ms'] for r in timed) / len(timed):.1f} ms/step")
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":
