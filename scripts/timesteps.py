@@ -23,6 +23,7 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from diffusion.timesteps import build_timestep_strategy  # noqa: E402
+from diffusion.timesteps.speed_threshold import meaningful_steps, resolve_tau  # noqa: E402
 from runtime.config import load_config  # noqa: E402
 
 
@@ -51,7 +52,30 @@ def summary(cfg, p: np.ndarray, w: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-def plot(p: np.ndarray, w: np.ndarray, title: str, path: Path) -> None:
+def markers(cfg) -> dict:
+    """Where SpeeD's threshold tau and the dual-sampling pivot are, when the strategy uses them."""
+    ts = cfg.diffusion.timesteps
+    abar = training_diffusion(cfg).alphas_cumprod
+    out = {}
+    if ts.sampler == "speed" or ts.weighting == "speed":
+        out["tau"] = resolve_tau(ts.tau, abar)
+    if ts.dual and ts.sampler in ("speed", "speed_legacy"):
+        out["dual pivot"] = min(meaningful_steps(abar), abar.size - 1)
+    return out
+
+
+def title_of(cfg) -> str:
+    """The strategy and the parameters it uses."""
+    ts = cfg.diffusion.timesteps
+    used = {"speed": ["tau", "k", "dual"], "speed_legacy": ["dual"], "lognormal": ["mean", "std"],
+            "logitnormal": ["mean", "std"], "logitnormal_index": ["mean", "std"],
+            "loss_second_moment": ["history", "uniform_prob"]}.get(ts.sampler, [])
+    used += {"speed": ["lam", "tau"], "p2": ["p2_k", "p2_gamma"], "min_snr": ["gamma"]}.get(ts.weighting, [])
+    params = ", ".join(f"{key}={ts[key]}" for key in dict.fromkeys(used))
+    return f"sampler={ts.sampler}, weighting={ts.weighting}" + (f" ({params})" if params else "")
+
+
+def plot(p: np.ndarray, w: np.ndarray, title: str, path: Path, marks: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,12 +83,17 @@ def plot(p: np.ndarray, w: np.ndarray, title: str, path: Path) -> None:
 
     t = np.arange(p.size)
     fig, (ax_p, ax_w) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    ax_p.plot(t, p)
+    ax_p.plot(t, p, label="P(t)")
+    ax_p.axhline(1.0 / p.size, color="grey", linestyle=":", label=f"uniform 1/T = {1.0 / p.size:.2g}")
     ax_p.set_ylabel("P(t)")
-    ax_p.set_title(title)
+    ax_p.set_title(title, fontsize=9)
     ax_w.plot(t, w)
     ax_w.set_ylabel("w(t) on eps-MSE")
     ax_w.set_xlabel("timestep t")
+    for (name, step), style in zip((marks or {}).items(), ("--", "-.")):
+        for ax in (ax_p, ax_w):
+            ax.axvline(step, color="tab:red", linestyle=style, label=f"{name} = {step}" if ax is ax_p else None)
+    ax_p.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -90,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(summary(cfg, p, w))
     if args.plot is not None:
-        ts = cfg.diffusion.timesteps
-        plot(p, w, f"sampler={ts.sampler}, weighting={ts.weighting}", args.plot)
+        plot(p, w, title_of(cfg), args.plot, markers(cfg))
     return 0
 
 
