@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from diffusion.continuous_ddim import ddim_sample
 from diffusion.noise import per_row_noise
 from phases.generation import to_uint8
-from phases.sample import grid_image
+from phases.sample import grid_image, save_png
 from runtime.atomic_file import atomic_write, write_text_atomic
 from runtime.checkpoint import STAGE_FINISHED, stage_dir
 from runtime.precision import autocast
@@ -91,9 +91,9 @@ class StageEvaluator:
         grid = self.grid_labels
         panels = [(f"student, {steps} steps", self.images(self.latents(student, steps, grid))),
                   (f"its teacher, {2 * steps} steps", self.images(self.latents(teacher, 2 * steps, grid)))]
-        _save_png(side_by_side(panels), folder / "grid.png")
+        save_png(side_by_side(panels), folder / "grid.png")
         ddim = [(f"teacher DDIM, {steps} steps (not distilled)", self.images(self.latents(self.original, steps, grid)))]
-        _save_png(side_by_side(ddim), folder / "ddim_grid.png")
+        save_png(side_by_side(ddim), folder / "ddim_grid.png")
         write_text_atomic(record, json.dumps(metrics, indent=1) + "\n")
         return metrics
 
@@ -119,13 +119,6 @@ def side_by_side(panels: list[tuple[str, Image.Image]], gap: int = 8, header: in
         draw.text((x + 2, 1), title, fill="black")
         x += width + gap
     return canvas
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    with atomic_write(path) as handle:
-        handle.write(buffer.getvalue())
 
 
 def read_stages(out_dir: Path, counts: list[int]) -> list[dict]:

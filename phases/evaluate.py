@@ -111,12 +111,30 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def sweep(cfg: DictConfig, feature_extractor: Optional[FeatureExtractor] = None) -> dict:
+    """FID over checkpoints; the new points also go to logs/evaluate.jsonl and wandb, at their steps."""
+    from phases import fid_sweep
+
+    points = fid_sweep.run(cfg, extractor=feature_extractor)
+    if dist.is_main() and points:
+        log = MetricsLog(cfg, "evaluate")
+        for point in points:
+            log.log(point["step"], {k: v for k, v in point.items() if isinstance(v, float)})
+        log.close()
+    return {"points": points}
+
+
 def _write_json(results: dict, path: Path) -> None:
     write_text_atomic(path, json.dumps(results, indent=2) + "\n")
 
 
 def run(cfg: DictConfig, feature_extractor: Optional[FeatureExtractor] = None) -> dict:
-    """Evaluate on rank 0 (other ranks return {} at once); returns the results dict."""
+    """Evaluate on rank 0 (other ranks return {} at once); returns the results dict.
+
+    With evaluate.checkpoints: FID over the run's checkpoints instead (phases/fid_sweep.py, every rank).
+    """
+    if cfg.evaluate.checkpoints is not None:
+        return sweep(cfg, feature_extractor)
     if not dist.is_main():
         return {}
     ec = cfg.evaluate

@@ -1,6 +1,7 @@
 """The `sample` phase: a PNG grid (plus one PNG per image) of the listed classes."""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -11,9 +12,19 @@ from torchvision.utils import make_grid
 
 from phases.generation import load_generator, output_root, to_pil
 from runtime import distributed as dist
+from runtime.atomic_file import atomic_write
 from runtime.checkpoint import resolve_checkpoint
 from runtime.config import record_config, sampler_settings
 from runtime.console import info
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    """Write a PNG atomically (a reader never sees half a picture)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    with atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+    return Path(path)
 
 
 def grid_image(images: torch.Tensor, columns: int) -> Image.Image:
@@ -50,8 +61,7 @@ def run(cfg: DictConfig) -> Path | None:
     for i, (image, label) in enumerate(zip(images, labels.tolist())):
         to_pil(image).save(out / f"{i:04d}_class{label}.png")
     columns = cfg.sample.per_class if cfg.sample.per_class > 1 else math.ceil(math.sqrt(len(images)))
-    grid_path = out / "grid.png"
-    grid_image(images, columns).save(grid_path)
+    grid_path = save_png(grid_image(images, columns), out / "grid.png")
     info(f"wrote {len(images)} images and {grid_path}")
     dist.barrier()
     return grid_path

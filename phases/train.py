@@ -15,14 +15,27 @@ from methods import build_method
 from models import create_model
 from models.flops import dit_forward_flops
 from models.pretrained import load_pretrained
+from phases import fid_sweep, inference
+from phases.training_grids import TrainingGrids
 from phases.validation import holdout_split, validation_loss
 from runtime import distributed as dist
 from runtime import training_loop
-from runtime.checkpoint import latest_checkpoint
+from runtime.checkpoint import checkpoint_path, latest_checkpoint
 from runtime.config import record_config, to_container
 from runtime.console import MetricsLog, info
 from runtime.model_spec import check_cache_matches_config, model_args_from_cache
 from runtime.run_lock import RunLock
+
+
+def checkpoint_fid(cfg: DictConfig):
+    """The periodic hook of train.fid_every: FID of the checkpoint just written (every rank samples)."""
+    extractor = inference.evaluation_extractor(cfg)  # the reference and Inception, before training starts
+
+    def fid(step, model, ema) -> dict:
+        points = fid_sweep.run(cfg, [(step, checkpoint_path(cfg.experiment_dir, step))], extractor)
+        return {"fid": points[0]["fid"]} if points else {}
+
+    return fid
 
 
 def run(cfg: DictConfig) -> Path | None:
@@ -54,7 +67,7 @@ def run(cfg: DictConfig) -> Path | None:
         f"{device.type}, {cfg.train.precision}"
     )
 
-    def evaluate(model, ema) -> dict:
+    def validate(step, model, ema) -> dict:
         """Validation loss on the held-out items, raw and EMA weights."""
         metrics = validation_loss(cfg, model.eval(), method.diffusion, dataset, cache["num_items"], device)
         if ema is not None:
@@ -74,8 +87,13 @@ def run(cfg: DictConfig) -> Path | None:
             record_config(cfg, "train")
         log = MetricsLog(cfg, "train")
         try:
-            last = training_loop.run(settings, method, dataset, train_items, exp, metadata, log,
-                                     evaluate=evaluate if cfg.data.holdout else None)
+            periodic = [training_loop.Periodic(cfg.train.eval_every if cfg.data.holdout else 0, validate)]
+            if cfg.train.sample_every:
+                grids = TrainingGrids(cfg, margs, float(cache["scale_factor"]), log)
+                periodic.append(training_loop.Periodic(cfg.train.sample_every, grids, at_end=False))
+            if cfg.train.fid_every:
+                periodic.append(training_loop.Periodic(cfg.train.fid_every, checkpoint_fid(cfg)))
+            last = training_loop.run(settings, method, dataset, train_items, exp, metadata, log, periodic=periodic)
         finally:
             log.close()
     info(f"finished at step {cfg.train.max_steps}; checkpoint {last}")

@@ -114,6 +114,10 @@ class TrainConfig:
     eval_every: int = 0  # 0: off; else validation loss on the held-out items (data.holdout) every N steps
     eval_timesteps: int = 10  # stratified timesteps per held-out item for the validation loss
     loss_buckets: int = 10  # the unweighted eps-MSE logged in this many equal timestep ranges (0: off)
+    sample_every: int = 0  # steps between grids of the EMA model (samples/train/NNNNNNN.png, wandb); 0: off
+    fid_every: int = 0  # steps between FIDs of the new checkpoint (evaluate.num_samples, all ranks); 0: off
+    sample_sampler: str = "ddim"  # the grids' sampler (fixed classes and noise: sample.classes, seed + i)
+    sample_steps: int = 25
     progress: bool = True
     peak_tflops: float = 0.0  # the device's dense peak for MFU; 0: from its name (H100, H200, A100, ...)
 
@@ -204,6 +208,11 @@ class EvaluateConfig:
     batch_size: int = 200
     output: Optional[str] = None  # default <experiment_dir>/eval/<samples stem>.json
     adm_distances: bool = False  # precision/recall distances in float16 (float32 fallback) as ADM; default float64
+    checkpoints: Any = None  # "all" or [steps]: FID over the run's checkpoints (eval/fid_vs_step.json, .png)
+    num_samples: int = 10_000  # images per checkpoint for evaluate.checkpoints and train.fid_every
+    sampler: Optional[str] = None  # the sweep's sampler (None: the inference sampler)
+    steps: Optional[int] = None
+    keep_samples: bool = False  # keep each checkpoint's .npz after scoring it
 
 
 @dataclass
@@ -303,14 +312,16 @@ def _validate(cfg: DictConfig) -> None:
                 "distill.batch_size", "distill.iters_per_stage", "distill.grad_accum", "distill.ckpt_every",
                 "distill.log_every", "distill.eval_samples", "sample.batch_size", "sample.per_class",
                 "inference.batch_size", "inference.num_samples", "evaluate.batch_size", "extract.batch_size",
-                "extract.flush_every", "data.image_size", "model.num_classes", "diffusion.num_steps"):
+                "extract.flush_every", "data.image_size", "model.num_classes", "diffusion.num_steps",
+                "evaluate.num_samples"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"invalid value {key}={OmegaConf.select(cfg, key)}: it must be at least 1")
     for key in ("train.keep_last", "distill.keep_last", "train.max_grad_norm", "distill.max_grad_norm",
                 "train.warmup_steps", "distill.warmup_steps", "train.min_lr", "train.weight_decay",
                 "distill.weight_decay", "train.ckpt_every_minutes", "distill.ckpt_every_minutes", "train.eval_every",
                 "data.holdout", "data.num_workers", "extract.num_workers", "sample.cfg_scale", "sample.eta",
-                "train.peak_tflops", "distill.peak_tflops", "train.loss_buckets"):
+                "train.peak_tflops", "distill.peak_tflops", "train.loss_buckets", "train.sample_every",
+                "train.fid_every"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"invalid value {key}={OmegaConf.select(cfg, key)}: it must be >= 0")
     for key in ("inference.cfg_scale", "inference.eta"):
@@ -323,6 +334,9 @@ def _validate(cfg: DictConfig) -> None:
     for key in ("train.ema_decay", "model.class_dropout_prob"):
         if not 0 <= OmegaConf.select(cfg, key) <= 1:
             raise ConfigError(f"invalid value {key}={OmegaConf.select(cfg, key)}: it must be in [0, 1]")
+    if cfg.train.fid_every and cfg.train.fid_every % cfg.train.ckpt_every:
+        raise ConfigError(f"invalid value train.fid_every={cfg.train.fid_every}: it must be a multiple of "
+                          f"train.ckpt_every={cfg.train.ckpt_every} (the FID is taken of the checkpoint)")
     _validate_distill(cfg.distill)
 
 

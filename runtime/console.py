@@ -53,6 +53,13 @@ class MetricsLog:
                 resume="allow",
             )
 
+    def log_image(self, step: int, key: str, path: Path) -> None:
+        """A picture already written to `path`, shown in wandb under `key` (the file is the record)."""
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
+
     def truncate_after(self, step: int) -> int:
         """Drop the records after `step` (and a line torn by a kill), atomically; returns how many went."""
         if not self.enabled or not self.path.is_file():

@@ -68,7 +68,6 @@ class LoopSettings:
     ckpt_every_minutes: float = 0.0  # > 0: also a checkpoint every this many minutes (one such kept)
     keep_last: int = 0
     log_every: int = 100
-    eval_every: int = 0
     progress: bool = True
     num_workers: int = 0
     desc: str = "train"
@@ -93,6 +92,20 @@ class LoopSettings:
             )
 
 
+@dataclass(frozen=True)
+class Periodic:
+    """Work the loop does every `every` steps (and at the last step when `at_end`), after that step's
+    checkpoint: fn(step, model, ema) -> metrics to log ({} for none). Called on every rank; fn decides
+    what only rank 0 does. `every` 0 is off."""
+
+    every: int
+    fn: Callable[[int, nn.Module, Optional[nn.Module]], dict]
+    at_end: bool = True
+
+    def due(self, step: int, last: int) -> bool:
+        return self.every > 0 and (step % self.every == 0 or (self.at_end and step == last))
+
+
 @dataclass
 class LoopState:
     """The objects a checkpoint holds besides the method's modules."""
@@ -110,14 +123,15 @@ def run(
     run_dir: Path,
     metadata: dict,
     log: MetricsLog,
-    evaluate: Callable[[nn.Module, Optional[nn.Module]], dict] | None = None,
+    periodic: tuple = (),
     log_offset: int = 0,
 ) -> Path | None:
     """Train `method` to settings.max_steps, resuming from the latest checkpoint in `run_dir`.
 
     Checkpoints are `run_dir/checkpoints/NNNNNNN.pt`, holding the method's modules, EMA,
     optimizers, scaler, method state, step, RNG and `metadata`. Metrics go to `log` at step
-    `log_offset + step`. Returns the last checkpoint written (or found).
+    `log_offset + step`. `periodic` hooks (validation, sample grids, FID) run after the step's
+    checkpoint. Returns the last checkpoint written (or found).
     """
     settings.check(dist.world_size())
     device = dist.device()
@@ -150,14 +164,17 @@ def run(
                     _check_finite(window.nonfinite, done, last_saved)
                     metrics = window.metrics(grad_norms, lr, settings.batch_size)
                     _report(log, bar, log_offset + done, {**metrics, **method.log_metrics()})
-                if evaluate is not None and settings.eval_every and (done % settings.eval_every == 0 or done == settings.max_steps):
-                    _report(log, bar, log_offset + done, evaluate(modules["model"], state.ema))
-                    for module in modules.values():
-                        module.train()
                 stop, time_due = signals.poll()
                 if done % settings.ckpt_every == 0 or done == settings.max_steps or stop or time_due:
                     _check_finite(window.nonfinite, done, last_saved)
                     last_saved = _save(run_dir, done, method, state, settings, metadata, last_saved)
+                for hook in periodic:
+                    if hook.due(done, settings.max_steps):
+                        metrics = hook.fn(done, modules["model"], state.ema)
+                        if metrics:
+                            _report(log, bar, log_offset + done, metrics)
+                        for module in modules.values():
+                            module.train()
                 if stop:
                     raise Preempted(f"stopped at step {done} on {signals.name}; checkpoint {last_saved}; "
                                     "re-run the same command to continue", signals.received)

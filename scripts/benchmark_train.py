@@ -42,7 +42,7 @@ from runtime.model_spec import model_args_from_config  # noqa: E402
 
 # Keys this script sets for the timed run; a user override of one of them would change what is timed.
 RESERVED_KEYS = ("experiment_dir", "train.max_steps", "train.log_every", "train.ckpt_every",
-                 "train.eval_every", "train.progress", "wandb.mode")
+                 "train.eval_every", "train.sample_every", "train.progress", "wandb.mode")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as err:
             raise SystemExit(f"error: {err}")
         overrides += [f"experiment_dir={run_dir}", f"train.max_steps={total}", f"train.log_every={args.warmup}",
-                      f"train.ckpt_every={total}", "train.eval_every=0", "train.progress=false", "wandb.mode=disabled"]
+                      f"train.ckpt_every={total}", "train.eval_every=0", "train.sample_every=0", "train.progress=false",
+                      "wandb.mode=disabled"]
         command = train_command(config, overrides, args.nproc)
         print(" ".join(command), flush=True)
         child_tmp = Path(tmp) / "tmp"  # torchrun's log folders and the like go, and are removed, with the rest

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from diffusion import create_diffusion
 from diffusion.timesteps import build_timestep_strategy
@@ -12,6 +13,7 @@ from methods.timestep_buckets import TimestepBuckets
 from models import create_model
 from models.flops import dit_forward_flops
 from phases import extract, train
+from runtime.checkpoint import load_checkpoint
 from runtime.config import load_config
 from runtime.console import format_metrics
 
@@ -66,3 +68,24 @@ def test_training_logs_buckets_mfu_and_data_wait(tmp_path):
     validation = next(r for r in records if "val_mse" in r)
     assert len([k for k in validation if k.startswith("val_mse_t")]) == 10  # eval_timesteps=10: one per bucket
     assert "mse_t" not in format_metrics(2, step)  # the console line stays short
+
+
+def test_grids_during_training_are_written_and_identical_across_a_resume(tmp_path):
+    cache = tmp_path / "digits.h5"
+    extract.run(load_config(CONFIG, [f"data.cache_path={cache}"]))
+    common = [f"data.cache_path={cache}", "train.batch_size=8", "train.progress=false", "train.log_every=2",
+              "train.ckpt_every=2", "train.sample_every=2", "train.sample_steps=3", "sample.classes=[0,5]",
+              "sample.per_class=2", "train.keep_last=0"]
+    cfg = lambda run, steps: load_config(CONFIG, [f"experiment_dir={tmp_path / run}", f"train.max_steps={steps}", *common])
+    full = load_checkpoint(train.run(cfg("full", 4)))
+    train.run(cfg("split", 2))
+    resumed = load_checkpoint(train.run(cfg("split", 4)))
+    grids = sorted(p.name for p in (tmp_path / "full" / "samples" / "train").iterdir())
+    assert grids == ["0000002.png", "0000004.png"]
+    for name in grids:
+        a = (tmp_path / "full" / "samples" / "train" / name).read_bytes()
+        assert a == (tmp_path / "split" / "samples" / "train" / name).read_bytes(), name
+    first, last = (Image.open(tmp_path / "full" / "samples" / "train" / n) for n in grids)
+    assert first.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2) and first.tobytes() != last.tobytes()  # the model moved
+    for name, tensor in full["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name  # sampling did not disturb training
