@@ -10,7 +10,6 @@ All MSEs are per latent element, on latents as the model sees them (scaled).
 """
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from PIL import Image, ImageDraw
 from diffusion.continuous_ddim import ddim_sample
 from diffusion.noise import per_row_noise
 from phases.generation import to_uint8
-from phases.sample import grid_image, save_png
+from phases.sample import grid_image, save_figure, save_png
 from runtime.atomic_file import atomic_write, write_text_atomic
 from runtime.checkpoint import STAGE_FINISHED, stage_dir
 from runtime.precision import autocast
@@ -171,10 +170,4 @@ def write_quality_figure(out_dir: Path, counts: list[int], start_steps: int) -> 
         fid_ax.set_title("students' FID")
         fid_ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    path = out_dir / "steps_vs_quality.png"
-    with atomic_write(path) as handle:
-        handle.write(buffer.getvalue())
-    return path
+    return save_figure(fig, out_dir / "steps_vs_quality.png")

@@ -10,14 +10,14 @@ images are deleted once scored (evaluate.keep_samples keeps them).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from runtime import distributed as dist
-from runtime.atomic_file import atomic_write, write_text_atomic
+from phases.sample import save_figure
+from runtime.atomic_file import write_text_atomic
 from runtime.checkpoint import checkpoint_dir, list_checkpoints
 from runtime.config import ConfigError, sampler_settings
 from runtime.console import info
@@ -129,10 +129,4 @@ def plot(folder: Path, key: str) -> Path:
     ax.set_title(f"FID over checkpoints (settings {key})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    path = folder / "fid_vs_step.png"
-    with atomic_write(path) as handle:
-        handle.write(buffer.getvalue())
-    return path
+    return save_figure(fig, folder / "fid_vs_step.png")

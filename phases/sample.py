@@ -27,6 +27,18 @@ def save_png(image: Image.Image, path: Path) -> Path:
     return Path(path)
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    with atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+    return Path(path)
+
+
 def grid_image(images: torch.Tensor, columns: int) -> Image.Image:
     """uint8 NHWC images -> one PIL image, `columns` per row, 2 px padding."""
     nchw = images.permute(0, 3, 1, 2)

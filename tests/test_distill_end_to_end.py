@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from launch import env, kill_tree
-from metrics.features import FeatureExtractor, Features
+from stand_ins import StandInFeatures
 from phases import distill, inference, sample
 from phases.distill_report import read_stages
 from phases.generation import load_generator
@@ -195,17 +195,6 @@ def test_a_published_teacher_and_a_scale_conditioned_student(teacher, tmp_path):
     assert not torch.allclose(latents[1.0], latents[3.0]), "the scale must reach the student"
     with pytest.raises(ValueError, match="outside"):
         sample.run(load_config(CONFIG, [*common, "sample.cfg_scale=4.0"]))
-
-
-class StandInFeatures(FeatureExtractor):
-    """A tiny fixed feature map standing in for Inception (its weights cannot be downloaded here)."""
-
-    id = "stand-in"
-
-    def __call__(self, images):
-        x = images.float() / 255
-        pool = torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), x[..., :8].mean((1, 2, 3)), x[..., 8:].mean((1, 2, 3))], 1)
-        return Features(pool=pool, logits=torch.cat([pool, -pool], 1) * 5, spatial=None)
 
 
 def test_fid_of_every_student(teacher, tmp_path, monkeypatch):
