@@ -37,6 +37,9 @@ class Method(Protocol):
     def objectives(self) -> list[Objective]:
         """The optimizers to build and step, in order."""
 
+    def begin_step(self, step: int) -> None:
+        """Called before every optimizer step with its 0-based index (lazy regularisers need it)."""
+
     def loss(
         self, objective: str, nets: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -16,6 +16,7 @@ from diffusion.sampler import build_sampler
 from diffusion.timesteps import build_timestep_strategy
 from methods.base import Objective
 from methods.timestep_buckets import TimestepBuckets
+from models.flops import dit_forward_flops
 from runtime.config import ConfigError
 
 
@@ -50,6 +51,9 @@ class DiffusionMethod:
         loss = terms["loss"].float().mean()
         return loss, {"loss": loss.detach(), "mse": terms["mse"].detach().float().mean()}
 
+    def begin_step(self, step: int) -> None:
+        pass
+
     def log_metrics(self) -> dict:
         """Mean eps-MSE per timestep bucket since the last call, over all ranks (then reset)."""
         return self.buckets.report("mse") if self.buckets is not None else {}
@@ -59,6 +63,23 @@ class DiffusionMethod:
 
     def load_state_dict(self, state: dict) -> None:
         self.strategy.load_state_dict(state["timesteps"])
+
+
+def model_args(cfg: DictConfig, margs: dict) -> dict:
+    """DiT as configured (model.learn_sigma, model.class_dropout_prob)."""
+    return margs
+
+
+def flops_per_image(cfg: DictConfig, margs: dict) -> float:
+    return 3 * dit_forward_flops(margs)  # a forward and a backward twice as expensive
+
+
+def metadata(cfg: DictConfig) -> dict:
+    return {}  # sampling reads diffusion.* from the config, as for published checkpoints
+
+
+def describe_sampler(checkpoint: dict, settings: DictConfig) -> str:
+    return f"{settings.sampler} x {settings.steps} steps, cfg scale {settings.cfg_scale}"
 
 
 def build(cfg: DictConfig, model: nn.Module, device: torch.device) -> DiffusionMethod:

@@ -144,6 +144,9 @@ class DistillMethod:
         z_end = ddim_step(z_mid, self.teacher(z_mid, t_mid, y, scale), a_mid, s_mid, a_end, s_end)
         return z_t, distillation_target(z_t, z_end, a_t, s_t, a_end, s_end), (a_t, s_t)
 
+    def begin_step(self, step: int) -> None:
+        pass
+
     def log_metrics(self) -> dict:
         return {}
 
@@ -201,3 +204,8 @@ def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, chec
         return ddim_sample(lambda z, t: denoise(z, t, y, scale), noise, schedule, steps, progress=progress)
 
     return sample
+
+
+def describe_sampler(checkpoint: dict, settings: DictConfig) -> str:
+    steps = checkpoint["distill"]["steps"]
+    return f"distilled x {steps} steps (one forward each), cfg scale {settings.cfg_scale} folded into the student"

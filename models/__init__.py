@@ -35,6 +35,8 @@ def create_model(
     class_dropout_prob: float = 0.1,
     grad_checkpointing: bool = False,
     guidance_embedding: bool = False,
+    z_dim: int = 0,
+    extra_in_channels: int = 0,
 ) -> DiT:
     """Build the registered model `name` for latents of shape [in_channels, input_size, input_size]."""
     if name not in MODELS:
@@ -47,6 +49,8 @@ def create_model(
         )
     if in_channels < 1:
         raise ValueError(f"{name}: in_channels must be at least 1, got {in_channels}")
+    if z_dim < 0 or extra_in_channels < 0:
+        raise ValueError(f"{name}: z_dim and extra_in_channels must be >= 0, got {z_dim}, {extra_in_channels}")
     if num_classes < 1:
         raise ValueError(f"{name}: model.num_classes must be at least 1, got {num_classes}")
     if not 0.0 <= class_dropout_prob <= 1.0:
@@ -59,4 +63,6 @@ def create_model(
         class_dropout_prob=class_dropout_prob,
         grad_checkpointing=grad_checkpointing,
         guidance_embedding=guidance_embedding,
+        z_dim=z_dim,
+        extra_in_channels=extra_in_channels,
     )

@@ -133,6 +133,27 @@ class GuidanceEmbedder(TimestepEmbedder):
         return super().forward(100.0 * (scale.float() - 1.0))
 
 
+class LatentCodeEmbedder(nn.Module):
+    """A GAN generator's latent code z -> vector added to the conditioning (DDGAN's G(x_t, z, t)).
+
+    DDGAN feeds z through a mapping MLP into the generator's adaptive normalisation; adding its
+    embedding to DiT's adaLN conditioning vector is the same idea. z is normalised to unit RMS
+    first (StyleGAN's pixel norm, also in DDGAN's mapping network), so its scale never matters.
+    """
+
+    def __init__(self, z_dim: int, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(z_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        nn.init.normal_(self.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.mlp[2].weight, std=0.02)
+        nn.init.zeros_(self.mlp[0].bias)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.float()
+        return self.mlp(z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8))
+
+
 class DiTBlock(nn.Module):
     """Transformer block with LayerNorms modulated by the conditioning c and zero-initialised gates (adaLN-Zero)."""
 
@@ -174,6 +195,12 @@ class DiT(nn.Module):
     out_channels = 2C (epsilon and the variance interpolation v) if learn_sigma else C.
     With guidance_embedding (distilled students, not part of the reference), forward also takes
     the guidance scale s [B], embedded by `guidance_embedder` and added to the conditioning.
+
+    Two more optional inputs serve the other training methods (neither changes the reference keys):
+    `z_dim` > 0 gives the network a latent code z [B, z_dim] (the DDGAN generator), embedded by an
+    MLP and added to the conditioning vector like the timestep; `extra_in_channels` > 0 widens the
+    input to C + extra channels while the output stays C-based (CLD: position and velocity in,
+    the velocity score out).
     """
 
     def __init__(
@@ -190,6 +217,8 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
         grad_checkpointing: bool = False,
         guidance_embedding: bool = False,
+        z_dim: int = 0,
+        extra_in_channels: int = 0,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -202,8 +231,9 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.learn_sigma = learn_sigma
         self.grad_checkpointing = grad_checkpointing
+        self.extra_in_channels = extra_in_channels
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels + extra_in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
@@ -215,6 +245,9 @@ class DiT(nn.Module):
         self.initialize_weights()
         if guidance_embedding:  # after the reference initialisation, so it draws the same numbers for a seed
             self.guidance_embedder = GuidanceEmbedder(hidden_size)
+        self.z_embedder = None
+        if z_dim > 0:
+            self.z_embedder = LatentCodeEmbedder(z_dim, hidden_size)
 
     def initialize_weights(self) -> None:
         """adaLN-Zero initialisation (paper Sec. 3.2): every block starts as the identity, the output as zero."""
@@ -260,18 +293,23 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
-        expected = (self.in_channels, self.input_size, self.input_size)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, s: torch.Tensor | None = None,
+                z: torch.Tensor | None = None) -> torch.Tensor:
+        expected = (self.in_channels + self.extra_in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"DiT expects x of shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
         if (s is None) != (self.guidance_embedder is None):
             raise ValueError("the guidance scale s must be given exactly when the model has a guidance embedding")
+        if (z is None) != (self.z_embedder is None):
+            raise ValueError("the latent code z must be given exactly when the model has z_dim > 0")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         if self.guidance_embedder is not None:
             c = c + self.guidance_embedder(s)
+        if self.z_embedder is not None:
+            c = c + self.z_embedder(z)
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_checkpoint:

@@ -41,10 +41,13 @@ def dit_forward_macs(model_args: dict) -> float:
     tokens = (int(model_args["input_size"]) // patch) ** 2
     d = float(width)
     block = 6 * d * d + 3 * tokens * d * d + 2 * tokens * tokens * d + tokens * d * d + 2 * MLP_RATIO * tokens * d * d
-    once = tokens * patch * patch * channels * d + FREQUENCY_EMBEDDING_SIZE * d + d * d + 2 * d * d
+    in_channels = channels + int(model_args.get("extra_in_channels", 0))
+    once = tokens * patch * patch * in_channels * d + FREQUENCY_EMBEDDING_SIZE * d + d * d + 2 * d * d
     once += tokens * d * patch * patch * out_channels
     if model_args.get("guidance_embedding"):
         once += FREQUENCY_EMBEDDING_SIZE * d + d * d
+    if model_args.get("z_dim"):
+        once += int(model_args["z_dim"]) * d + d * d
     return depth * block + once
 
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from datasets.autoencoder import load_autoencoder
 from diffusion.noise import per_row_noise
-from methods import generation_sampler
+from methods import describe_sampler, generation_sampler
 from models import create_model
 from models.pretrained import extract_state_dict, load_pretrained
 from runtime.checkpoint import load_checkpoint, resolve_checkpoint
@@ -148,8 +148,3 @@ def output_root(cfg: DictConfig, phase: str) -> Path:
     return Path(cfg.experiment_dir)
 
 
-def describe_sampler(meta: dict, settings: DictConfig) -> str:
-    if "distill" in meta:
-        steps, scale = meta["distill"]["steps"], settings.cfg_scale
-        return f"distilled x {steps} steps (one forward each), cfg scale {scale} folded into the student"
-    return f"{settings.sampler} x {settings.steps} steps, cfg scale {settings.cfg_scale}"

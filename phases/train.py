@@ -11,9 +11,8 @@ import torch
 from omegaconf import DictConfig
 
 from datasets.latent_cache import LatentDataset, read_cache_info
-from methods import build_method
+from methods import build_method, method_flops_per_image, method_metadata, method_model_args
 from models import create_model
-from models.flops import dit_forward_flops
 from models.pretrained import load_pretrained
 from phases import fid_sweep, inference
 from phases.training_grids import TrainingGrids
@@ -21,7 +20,7 @@ from phases.validation import holdout_split, validation_loss
 from runtime import distributed as dist
 from runtime import training_loop
 from runtime.checkpoint import checkpoint_path, latest_checkpoint
-from runtime.config import record_config, to_container
+from runtime.config import ConfigError, record_config, to_container
 from runtime.console import MetricsLog, info
 from runtime.model_spec import check_cache_matches_config, model_args_from_cache
 from runtime.run_lock import RunLock
@@ -47,11 +46,14 @@ def run(cfg: DictConfig) -> Path | None:
     # Guard rails: nothing long starts before the inputs are known to fit together.
     cache = read_cache_info(cfg.data.cache_path)
     check_cache_matches_config(cfg, cache)
-    margs = model_args_from_cache(cfg, cache)
+    margs = method_model_args(cfg, model_args_from_cache(cfg, cache))
     train_items, _ = holdout_split(cache["num_items"], cfg.data.holdout)
     settings = training_loop.LoopSettings.from_config(cfg.train, seed=cfg.seed, num_workers=cfg.data.num_workers,
-                                                      flops_per_image=3 * dit_forward_flops(margs))
+                                                      flops_per_image=method_flops_per_image(cfg, margs))
     settings.check(dist.world_size())
+    if cfg.train.eval_every and cfg.data.holdout and cfg.model.method != "diffusion":
+        raise ConfigError(f"train.eval_every: the validation loss is the diffusion eps-loss, which "
+                          f"model.method={cfg.model.method} does not train; set train.eval_every=0")
 
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
     model = create_model(**margs, grad_checkpointing=cfg.model.grad_checkpointing)
@@ -76,7 +78,7 @@ def run(cfg: DictConfig) -> Path | None:
         return metrics
 
     metadata = {
-        "method": cfg.model.method,
+        **method_metadata(cfg),
         "model_args": margs,
         "autoencoder": {"name": cache["autoencoder"], "scale_factor": float(cache["scale_factor"])},
         "image_size": int(cache["image_size"]),
@@ -89,7 +91,7 @@ def run(cfg: DictConfig) -> Path | None:
         try:
             periodic = [training_loop.Periodic(cfg.train.eval_every if cfg.data.holdout else 0, validate)]
             if cfg.train.sample_every:
-                grids = TrainingGrids(cfg, margs, float(cache["scale_factor"]), log)
+                grids = TrainingGrids(cfg, margs, metadata, float(cache["scale_factor"]), log)
                 periodic.append(training_loop.Periodic(cfg.train.sample_every, grids, at_end=False))
             if cfg.train.fid_every:
                 periodic.append(training_loop.Periodic(cfg.train.fid_every, checkpoint_fid(cfg)))

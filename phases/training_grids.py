@@ -15,7 +15,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from datasets.autoencoder import load_autoencoder
-from diffusion.sampler import build_sampler
 from methods import generation_sampler
 from phases.generation import Generator
 from phases.sample import grid_image, save_png
@@ -26,20 +25,20 @@ from runtime.console import MetricsLog
 class TrainingGrids:
     """The periodic hook: __call__(step, model, ema) writes the step's grid (rank 0) and returns {}."""
 
-    def __init__(self, cfg: DictConfig, model_args: dict, scale_factor: float, log: MetricsLog):
+    def __init__(self, cfg: DictConfig, model_args: dict, metadata: dict, scale_factor: float, log: MetricsLog):
         tc = cfg.train
         self.settings = OmegaConf.create({
             "sampler": tc.sample_sampler, "steps": tc.sample_steps, "cfg_scale": cfg.sample.cfg_scale, "eta": 0.0,
             "cfg_all_channels": cfg.sample.cfg_all_channels, "precision": tc.precision, "compile": False,
         })
-        build_sampler(tc.sample_sampler, tc.sample_steps, cfg.diffusion.num_steps, cfg.diffusion.schedule,
-                      model_args["learn_sigma"])  # a sampler setting that cannot work fails now, not at step 10,000
+        # A sampler setting that cannot work fails now, not at step 10,000 (building samples nothing).
+        generation_sampler(cfg, None, model_args, metadata, self.settings)
         classes = list(cfg.sample.classes)
         bad = [c for c in classes if not 0 <= c < model_args["num_classes"]]
         if not classes or bad:
             raise ValueError(f"sample.classes {classes} (the training grids) must be non-empty and in "
                              f"[0, {model_args['num_classes'] - 1}]")
-        self.cfg, self.model_args, self.log = cfg, model_args, log
+        self.cfg, self.model_args, self.metadata, self.log = cfg, model_args, metadata, log
         self.labels = torch.tensor([c for c in classes for _ in range(cfg.sample.per_class)])
         self.seeds = [cfg.seed + i for i in range(len(self.labels))]
         self.columns = cfg.sample.per_class if cfg.sample.per_class > 1 else math.ceil(math.sqrt(len(self.labels)))
@@ -52,7 +51,7 @@ class TrainingGrids:
         if not dist.is_main():
             return {}
         net = (ema if ema is not None else model).eval()
-        sample = generation_sampler(self.cfg, net, self.model_args, {}, self.settings)
+        sample = generation_sampler(self.cfg, net, self.model_args, self.metadata, self.settings)
         generator = Generator(net, self.autoencoder, sample, self.model_args, self.settings, dist.device())
         images = []
         for start in range(0, len(self.labels), self.cfg.sample.batch_size):

@@ -35,7 +35,7 @@ class ModelConfig:
     grad_checkpointing: bool = False
     init_from: Optional[str] = None  # a checkpoint to initialise training from (fine-tuning)
     init_mode: str = "strict"  # strict | resize (another image size or number of classes: see README)
-    method: str = "diffusion"  # the training method of `train` (methods/): diffusion = IDDPM as DiT
+    method: str = "diffusion"  # the training method of `train` (methods/): diffusion (IDDPM as DiT) | ddgan | cld
 
 
 @dataclass
@@ -159,6 +159,38 @@ class DistillConfig:
 
 
 @dataclass
+class DDGANConfig:
+    """Denoising diffusion GAN (model.method=ddgan; Xiao et al. 2022). train.lr is the generator's LR,
+    train.betas both optimizers' (the paper: [0.5, 0.9]), train.ema_decay the generator's EMA."""
+
+    num_steps: int = 4  # T: denoising steps = generator evaluations per sample
+    beta_min: float = 0.1  # the discretised VP SDE
+    beta_max: float = 20.0
+    z_dim: int = 100  # the generator's latent code
+    discriminator: str = "D-S/2"  # D-{size}/{patch} (models/discriminator.py)
+    lr_d: float = 1.25e-4  # the discriminator's LR (scaled by the same schedule as train.lr)
+    r1_gamma: float = 0.02  # R1 weight on real pairs (gamma / 2 ||grad D||^2); 0: off
+    lazy_reg: int = 15  # R1 every this many steps (the official lazy regularisation)
+
+
+@dataclass
+class CLDConfig:
+    """Critically-damped Langevin diffusion (model.method=cld; Dockhorn et al. 2022), the paper's CIFAR-10
+    settings. Sampling: sample.sampler = sscs | euler-maruyama | cld-ode."""
+
+    mass: float = 0.25  # M; critical damping Gamma = 2 sqrt(M)
+    gamma: float = 0.04  # initial velocity variance gamma M
+    beta: float = 4.0  # constant beta(t) on t in [0, 1]
+    eps: float = 1.0e-5  # training times t ~ U[eps, 1]
+    sampling_eps: float = 1.0e-3  # the samplers stop here, then one denoising step to t = 0
+    numerical_eps: float = 1.0e-9  # added to the kernel's variances (a finite Cholesky factor at tiny t)
+    mixed_score: bool = True  # the network corrects the analytic score -v / Svv
+    ode_solver: str = "adaptive"  # cld-ode: adaptive (per-sample Dormand-Prince 5(4)) | rk4 | heun | euler
+    ode_rtol: float = 1.0e-5
+    ode_atol: float = 1.0e-5
+
+
+@dataclass
 class WandbConfig:
     mode: str = "disabled"  # online | offline | disabled
     project: str = "dit"
@@ -230,6 +262,8 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    ddgan: DDGANConfig = field(default_factory=DDGANConfig)
+    cld: CLDConfig = field(default_factory=CLDConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -298,6 +332,8 @@ _CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "data.source": ("folder", "digits"),
     "model.init_mode": ("strict", "resize"),
+    "model.method": ("diffusion", "ddgan", "cld"),
+    "cld.ode_solver": ("adaptive", "rk4", "heun", "euler"),
 }
 
 
@@ -338,6 +374,29 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"invalid value train.fid_every={cfg.train.fid_every}: it must be a multiple of "
                           f"train.ckpt_every={cfg.train.ckpt_every} (the FID is taken of the checkpoint)")
     _validate_distill(cfg.distill)
+    _validate_ddgan(cfg.ddgan)
+    _validate_cld(cfg.cld)
+
+
+def _validate_cld(cc: DictConfig) -> None:
+    for key in ("mass", "beta", "gamma", "ode_rtol", "ode_atol"):
+        if not cc[key] > 0:
+            raise ConfigError(f"invalid value cld.{key}={cc[key]}: it must be > 0")
+    if not 0 < cc.eps < 1 or not 0 < cc.sampling_eps < 1 or cc.numerical_eps < 0:
+        raise ConfigError(f"cld.eps={cc.eps}, cld.sampling_eps={cc.sampling_eps} must lie in (0, 1) and "
+                          f"cld.numerical_eps={cc.numerical_eps} be >= 0")
+
+
+def _validate_ddgan(dc: DictConfig) -> None:
+    for key in ("num_steps", "z_dim", "lazy_reg"):
+        if dc[key] < 1:
+            raise ConfigError(f"invalid value ddgan.{key}={dc[key]}: it must be at least 1")
+    if not 0 < dc.beta_min < dc.beta_max:
+        raise ConfigError(f"ddgan.beta_min={dc.beta_min}, ddgan.beta_max={dc.beta_max}: need 0 < beta_min < beta_max")
+    if not (math.isfinite(dc.lr_d) and dc.lr_d > 0):
+        raise ConfigError(f"invalid value ddgan.lr_d={dc.lr_d}: the learning rate must be a finite number > 0")
+    if dc.r1_gamma < 0:
+        raise ConfigError(f"invalid value ddgan.r1_gamma={dc.r1_gamma}: it must be >= 0 (0: no R1)")
 
 
 def _validate_distill(dc: DictConfig) -> None:

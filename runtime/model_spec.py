@@ -74,8 +74,9 @@ def model_args_from_config(cfg: DictConfig) -> dict:
 
 def check_same_model(stored: dict, current: dict, source: str) -> None:
     """Resuming or fine-tuning with a different architecture or latent shape is an error."""
-    keys = ("name", "input_size", "in_channels", "num_classes", "learn_sigma", "guidance_embedding")
-    defaults = {"guidance_embedding": False}  # absent from checkpoints written before it existed
+    keys = ("name", "input_size", "in_channels", "num_classes", "learn_sigma", "guidance_embedding", "z_dim",
+            "extra_in_channels")
+    defaults = {"guidance_embedding": False, "z_dim": 0, "extra_in_channels": 0}  # absent from older checkpoints
     diffs = [
         f"{k}: {stored.get(k, defaults.get(k))} in {source}, {current.get(k, defaults.get(k))} now"
         for k in keys

@@ -188,6 +188,7 @@ def _train_step(step: int, method: Method, nets: dict, state: LoopState, batches
     """One optimizer step of every objective over grad_accum micro-batches; then the EMA. (lr, grad norms)."""
     lr = learning_rate(step, settings.lr, settings.warmup_steps, settings.lr_schedule, settings.max_steps, settings.min_lr)
     torch.manual_seed(mix_seed(settings.seed, step, dist.rank(), 2))  # the step's device-side randomness
+    method.begin_step(step)
     waited = time.perf_counter()
     micro_batches = [next(batches) for _ in range(settings.grad_accum)]
     window.data_wait += time.perf_counter() - waited

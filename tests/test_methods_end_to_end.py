@@ -1,0 +1,101 @@
+"""The training methods beyond IDDPM (model.method=ddgan, cld) end to end on the digits demo: training
+under torchrun (2 CPU processes) stopped at a checkpoint and continued equals an uninterrupted run,
+and sample / inference recognise the method's checkpoints."""
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import launch
+from launch import env
+from phases import inference, sample
+from runtime.checkpoint import load_checkpoint
+from runtime.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+TRAIN = ["train.batch_size=16", "train.ckpt_every=3", "train.log_every=3", "train.progress=false",
+         "train.sample_every=3", "train.warmup_steps=0"]
+METHODS = {  # config, its test settings, the modules its checkpoints hold
+    "ddgan": (ROOT / "configs/demo/digits_ddgan.yaml", ["ddgan.lazy_reg=2", "ddgan.discriminator=D-T/8"],
+              ("model", "discriminator")),
+    "cld": (ROOT / "configs/demo/digits_cld.yaml", ["train.sample_steps=3", "sample.steps=4"], ("model",)),
+}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache") / "digits16.h5"
+    launch.main_py(METHODS["ddgan"][0], "-p", "extract", f"data.cache_path={path}")
+    return path
+
+
+@pytest.fixture(scope="module", params=list(METHODS))
+def trained(request, cache, tmp_path_factory):
+    """One run of STEPS steps, and one stopped at step STEPS/2 then continued, both under torchrun."""
+    config, settings, modules = METHODS[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    common = [f"data.cache_path={cache}", *TRAIN, *settings]
+
+    def torchrun(exp, steps):
+        proc = subprocess.run(launch.torchrun(config, "-p", "train", f"experiment_dir={exp}", f"train.max_steps={steps}",
+                                              *common), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    torchrun(root / "full", STEPS)
+    torchrun(root / "resumed", STEPS // 2)
+    second = torchrun(root / "resumed", STEPS)
+    assert f"resumed from step {STEPS // 2}" in second.stdout
+    return {"name": request.param, "config": config, "root": root, "common": common, "modules": modules}
+
+
+def test_a_continued_run_equals_an_uninterrupted_one(trained):
+    a = load_checkpoint(trained["root"] / "full" / "checkpoints" / f"{STEPS:07d}.pt")
+    b = load_checkpoint(trained["root"] / "resumed" / "checkpoints" / f"{STEPS:07d}.pt")
+    assert a["method"] == b["method"] == trained["name"]
+    for key in (*trained["modules"], "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    assert set(a["optimizers"]) == set(trained["modules"])
+    for objective, state in a["optimizers"].items():
+        for sa, sb in zip(state["state"].values(), b["optimizers"][objective]["state"].values()):
+            assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    last = lambda d: (d / "logs/train.jsonl").read_text().splitlines()[-1].split('"time"')[0]
+    assert last(trained["root"] / "full") == last(trained["root"] / "resumed")
+    grids = sorted(p.name for p in (trained["root"] / "full" / "samples" / "train").glob("*.png"))
+    assert grids == ["0000003.png", "0000006.png"]
+
+
+def test_sample_and_inference_from_a_checkpoint_of_the_method(trained):
+    exp = trained["root"] / "full"
+    overrides = [f"experiment_dir={exp}", *trained["common"], "sample.classes=[1,7]", "sample.per_class=3"]
+    grid = sample.run(load_config(trained["config"], overrides))
+    assert grid == exp / "samples" / "grid.png" and Image.open(grid).size == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2)
+    npz = [*overrides, "inference.num_samples=7"]
+    first = inference.run(load_config(trained["config"], [*npz, "inference.batch_size=3"]))
+    second = inference.run(load_config(trained["config"], [*npz, "inference.batch_size=5",
+                                                          f"inference.output={exp / 'b.npz'}"]))
+    with np.load(first) as a, np.load(second) as b:
+        assert a["arr_0"].shape == (7, 16, 16, 1) and a["arr_0"].std() > 0
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+REFUSALS = {
+    "ddgan": [("sample.sampler=ddpm", "samples only with sampler=ddgan"),
+              ("sample.steps=8", "steps=8 cannot be honoured"),
+              ("sample.cfg_scale=2.0", "classifier-free guidance is not part of DDGAN")],
+    "cld": [("sample.sampler=ddim", "critically-damped Langevin diffusion: it samples with sscs"),
+            ("sample.steps=1", "sscs needs steps >= 2"),
+            ("sample.eta=0.5", "cannot honour eta=0.5")],
+}
+
+
+def test_settings_the_checkpoint_cannot_honour_are_errors(trained):
+    overrides = [f"experiment_dir={trained['root'] / 'full'}", *trained["common"]]
+    for override, message in REFUSALS[trained["name"]]:
+        with pytest.raises(ValueError, match=message):
+            sample.run(load_config(trained["config"], [*overrides, override]))
