@@ -68,7 +68,10 @@ def test_inference_block_overrides_sampler_keys_only_for_inference(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")))
 def test_shipped_configs_load(path):
     cfg = load_config(path)
-    if "imagenet_256" in str(path) and path.name != "base.yaml":
+    if "imagenet_256" in str(path) and path.name != "base.yaml" and cfg.model.method == "ddgan":
+        assert cfg.train.batch_size == 256 and cfg.train.lr == 1.6e-4 and cfg.ddgan.lr_d == 1.25e-4  # the release's
+        assert list(cfg.train.betas) == [0.5, 0.9] and cfg.ddgan.num_steps == 4 and cfg.sample.sampler == "ddgan"
+    elif "imagenet_256" in str(path) and path.name != "base.yaml":
         assert cfg.train.batch_size == 256 and cfg.train.lr == 1e-4 and cfg.train.ema_decay == 0.9999
         assert cfg.model.class_dropout_prob == 0.1 and cfg.model.learn_sigma
         assert cfg.diffusion.schedule == "linear" and cfg.diffusion.num_steps == 1000

@@ -2,6 +2,7 @@
 under torchrun (2 CPU processes) stopped at a checkpoint and continued equals an uninterrupted run,
 and sample / inference recognise the method's checkpoints."""
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +100,30 @@ def test_settings_the_checkpoint_cannot_honour_are_errors(trained):
     for override, message in REFUSALS[trained["name"]]:
         with pytest.raises(ValueError, match=message):
             sample.run(load_config(trained["config"], [*overrides, override]))
+
+
+def test_sampler_grids_script_puts_samplers_side_by_side(trained):
+    if trained["name"] != "cld":
+        pytest.skip("one method is enough for the script")
+    out = trained["root"] / "samplers.png"
+    proc = subprocess.run([sys.executable, "scripts/sampler_grids.py", "-c", str(trained["config"]), "--panel", "sscs:3",
+                           "--panel", "euler-maruyama:3", "-o", str(out), f"experiment_dir={trained['root'] / 'full'}",
+                           *trained["common"], "sample.classes=[1,7]", "sample.per_class=3"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.endswith(" img/s")]
+    assert len(lines) == 2 and lines[0].startswith("sscs 3: ") and lines[1].startswith("euler-maruyama 3: ") and "img/s" in lines[1]
+    grid = Image.open(out)
+    assert grid.width >= 2 * (3 * 16 + 4 * 2) and grid.height > 2 * 16 + 3 * 2
+
+
+def test_the_validation_loss_is_refused_for_methods_it_does_not_measure(cache, tmp_path):
+    from phases import train
+    from runtime.config import ConfigError
+
+    for name, (config, settings, _) in METHODS.items():
+        cfg = load_config(config, [f"experiment_dir={tmp_path / name}", f"data.cache_path={cache}", *settings,
+                                   "data.holdout=16", "train.eval_every=2"])
+        with pytest.raises(ConfigError, match="train.eval_every: the validation loss is the diffusion eps-loss"):
+            train.run(cfg)
+        assert not (tmp_path / name / "checkpoints").exists()

@@ -146,7 +146,11 @@ def test_a_stop_signal_saves_the_step_and_the_rerun_continues_exactly(cache, tmp
 
 
 def test_guidance_without_a_null_class_is_a_config_error(cache, tmp_path):
-    train.run(cfg_for(cache, tmp_path, "train.max_steps=2", "model.class_dropout_prob=0"))
+    # the training grids guide at sample.cfg_scale too: refused before training starts
+    with pytest.raises(ConfigError, match=r"cfg_scale=2.0 asks for classifier-free guidance.*no null class"):
+        train.run(cfg_for(cache, tmp_path, "train.max_steps=2", "model.class_dropout_prob=0", "train.sample_every=1"))
+    assert not (tmp_path / "checkpoints").exists()
+    train.run(cfg_for(cache, tmp_path, "train.max_steps=2", "model.class_dropout_prob=0", "train.sample_every=0"))
     common = ["model.class_dropout_prob=0", "sample.steps=2", "sample.classes=[1]", "sample.per_class=1"]
     with pytest.raises(ConfigError, match=r"cfg_scale=2.0 asks for classifier-free guidance.*no null class"):
         sample.run(cfg_for(cache, tmp_path, *common, "sample.cfg_scale=2.0"))
