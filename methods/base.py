@@ -59,3 +59,20 @@ class Method(Protocol):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned."""
+
+
+class NoExtraState:
+    """Defaults for a method that keeps nothing of its own between steps (no lazy schedule, no
+    accumulated metrics, nothing to checkpoint besides its modules and optimizers)."""
+
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def log_metrics(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

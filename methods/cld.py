@@ -21,7 +21,7 @@ from diffusion.cld import CLD
 from diffusion.cld_samplers import euler_maruyama_sample, probability_flow_sample, sscs_sample
 from diffusion.guidance import guided_model_fn
 from diffusion.noise import per_row_noise
-from methods.base import Objective
+from methods.base import NoExtraState, Objective
 from methods.diffusion import check_null_class
 from methods.timestep_buckets import TimestepBuckets
 from models.flops import dit_forward_flops
@@ -35,7 +35,7 @@ def network_input(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, v], dim=1)
 
 
-class CLDMethod:
+class CLDMethod(NoExtraState):
     """L = mean over the batch of ||alpha_theta + v_t / (ell_t Svv) - eps_v||^2 (HSM, lambda = ell_t^-2).
 
     Also keeps the loss per range of t (`buckets` equal ranges of [0, 1]), as the diffusion method
@@ -53,9 +53,6 @@ class CLDMethod:
     def objectives(self) -> list[Objective]:
         return [Objective("model", ("model",))]
 
-    def begin_step(self, step: int) -> None:
-        pass
-
     def loss(self, objective, nets, x, y, generator):
         x = x.float()
         eps = self.process.eps
@@ -72,12 +69,6 @@ class CLDMethod:
     def log_metrics(self) -> dict:
         """Mean HSM loss per range of t since the last call, over all ranks (then reset)."""
         return self.buckets.report("hsm") if self.buckets is not None else {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def process_of(info: dict) -> CLD:

@@ -16,14 +16,14 @@ from torch import nn
 
 from diffusion.ddgan_schedule import DDGANSchedule
 from diffusion.noise import per_row_noise
-from methods.base import Objective
+from methods.base import NoExtraState, Objective
 from methods.gan_losses import discriminator_loss, generator_loss, r1_penalty
 from models.discriminator import create_discriminator
 from models.flops import dit_forward_flops
 from runtime.config import ConfigError
 
 
-class DDGANMethod:
+class DDGANMethod(NoExtraState):
     """D step: L_D = softplus(-D(real)) + softplus(D(fake)) [+ r1_gamma/2 R1 every lazy_reg steps]; G step:
     L_G = softplus(-D(fake)). Real pair (x_k, x_{k+1}) from q; fake x_k from the posterior around G's x_0."""
 
@@ -81,15 +81,6 @@ class DDGANMethod:
             loss = loss + 0.5 * self.r1_gamma * r1
             metrics["r1"] = r1.detach()
         return loss, metrics
-
-    def log_metrics(self) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def schedule_of(info: dict) -> DDGANSchedule:

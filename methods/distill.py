@@ -26,7 +26,7 @@ from diffusion.guidance import guided_model_fn
 from diffusion.likelihood import mean_flat
 from diffusion.progressive_distillation import distillation_target, loss_weight, stage_times, x_from_output
 from diffusion.schedule import get_beta_schedule
-from methods.base import Objective
+from methods.base import NoExtraState, Objective
 from models import create_model
 
 # denoise(z_t, t [B] float64, y [B], scale: float | [B] tensor) -> x_hat, float32
@@ -98,7 +98,7 @@ def make_student(model_args: dict, weights: dict, scale_conditioned: bool) -> tu
     return student, margs
 
 
-class DistillMethod:
+class DistillMethod(NoExtraState):
     """Loss of one stage: w(t) ||x_tilde - x_hat_student(z_t)||^2 with x_tilde from two teacher DDIM steps."""
 
     def __init__(self, student: nn.Module, teacher: Denoise, schedule: ContinuousSchedule, student_steps: int,
@@ -143,18 +143,6 @@ class DistillMethod:
         z_mid = ddim_step(z_t, self.teacher(z_t, t, y, scale), a_t, s_t, a_mid, s_mid)
         z_end = ddim_step(z_mid, self.teacher(z_mid, t_mid, y, scale), a_mid, s_mid, a_end, s_end)
         return z_t, distillation_target(z_t, z_end, a_t, s_t, a_end, s_end), (a_t, s_t)
-
-    def begin_step(self, step: int) -> None:
-        pass
-
-    def log_metrics(self) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def schedule_of(info: dict) -> ContinuousSchedule:
