@@ -243,11 +243,15 @@ def resolve_teacher(cfg: DictConfig) -> Path:
 def load_teacher(cfg: DictConfig, path: Path, cache: dict):
     """The teacher model, checked against the config's model, the cache and the diffusion schedule."""
     loaded = load_model(cfg, path, use_ema=cfg.distill.use_teacher_ema)
-    if loaded.meta.get("method", "diffusion") != "diffusion":
+    method = loaded.meta.get("method", "diffusion")
+    if method == "distill":
         raise ValueError(
             f"{path} is a distilled student, not a diffusion model: distil from the trained DiT (or resume the "
             "distillation run, which continues its stages by itself)"
         )
+    if method != "diffusion":
+        raise ValueError(f"{path} was trained with model.method={method}: progressive distillation needs an IDDPM "
+                         "(model.method=diffusion) teacher")
     check_same_model(loaded.model_args, model_args_from_cache(cfg, cache), f"the teacher {path}")
     stored = (loaded.meta.get("config") or {}).get("diffusion") or {}
     for key in ("num_steps", "schedule"):

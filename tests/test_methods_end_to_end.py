@@ -127,3 +127,14 @@ def test_the_validation_loss_is_refused_for_methods_it_does_not_measure(cache, t
         with pytest.raises(ConfigError, match="train.eval_every: the validation loss is the diffusion eps-loss"):
             train.run(cfg)
         assert not (tmp_path / name / "checkpoints").exists()
+
+
+def test_progressive_distillation_refuses_a_teacher_of_another_method(trained, tmp_path):
+    from phases import distill
+
+    teacher = trained["root"] / "full" / "checkpoints" / f"{STEPS:07d}.pt"
+    cfg = load_config(ROOT / "configs/demo/digits_distill.yaml", [f"experiment_dir={tmp_path}", trained["common"][0],
+                                                                  f"distill.teacher={teacher}"])
+    with pytest.raises(ValueError, match=f"trained with model.method={trained['name']}: progressive distillation"):
+        distill.run(cfg)
+    assert not (tmp_path / "distill").exists()
