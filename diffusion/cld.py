@@ -154,15 +154,16 @@ class CLD:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """u_t = mu_t(x_0) + L_t (noise_x, noise_v), a draw from p(u_t | x_0) given standard normal noise.
 
-        Computed in float64 and returned in x0's dtype. HSM's velocity target is built from
+        Coefficients in float64, the combination in x0's dtype. HSM's velocity target is built from
         noise_v alone (see `ell`), so the caller must keep it.
         """
         a_x, a_v = self.mean_coefficients(t)
         l11, l21, l22 = self.cholesky(t)
-        x0_64, nx, nv = x0.to(torch.float64), noise_x.to(torch.float64), noise_v.to(torch.float64)
-        x_t = _rows(a_x, x0_64) * x0_64 + _rows(l11, x0_64) * nx
-        v_t = _rows(a_v, x0_64) * x0_64 + _rows(l21, x0_64) * nx + _rows(l22, x0_64) * nv
-        return x_t.to(x0.dtype), v_t.to(x0.dtype)
+        # The coefficients in float64 (they cancel at small t); the per-element work in x0's dtype (a hot path).
+        nx, nv = noise_x.to(x0.dtype), noise_v.to(x0.dtype)
+        x_t = _rows(a_x, x0) * x0 + _rows(l11, x0) * nx
+        v_t = _rows(a_v, x0) * x0 + _rows(l21, x0) * nx + _rows(l22, x0) * nv
+        return x_t, v_t
 
     def ell(self, t: torch.Tensor) -> torch.Tensor:
         """ell_t = 1 / L22 = sqrt(Sxx / (Sxx Svv - Sxv^2)) (float64 [B]).
