@@ -65,7 +65,7 @@ class DDGANSchedule:
 
     def network_time(self, k: torch.Tensor) -> torch.Tensor:
         """What the networks see for the pair (x_k, x_{k+1}): 1000 t_{k+1}, DiT's timestep scale."""
-        return (1000.0 * self.times[1:])[k.long().cpu()].float().to(k.device)
+        return (1000.0 * self.times[1:]).float().to(k.device)[k.long()]  # indexed on k's device: no host sync
 
     def q_sample(self, x0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_k = sqrt(abar_k) x_0 + sqrt(1 - abar_k) noise."""
