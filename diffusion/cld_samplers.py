@@ -103,6 +103,20 @@ def _analytic_half_step(
     return x_new, v_new
 
 
+def _reverse_sde(cld: CLD, score: Score, x: torch.Tensor, v: torch.Tensor, steps: int, denoise: bool,
+                 progress: bool, desc: str, step) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop SSCS and Euler-Maruyama share: step(x, v, t [B], h) over `sde_time_grid`'s intervals
+    (t the interval's start, h = t_i - t_{i+1} a 0-dim tensor), then the denoising step; float32 (x, v)."""
+    _check_state(x, v)
+    grid = sde_time_grid(cld, steps, denoise).to(x.device)
+    with torch.no_grad():
+        for i in tqdm(range(len(grid) - 1), desc=desc, disable=not progress):
+            x, v = step(x, v, grid[i].expand(x.shape[0]).clone(), grid[i] - grid[i + 1])
+        if denoise:
+            x, v = _denoise(cld, score, x, v)
+    return x.float(), v.float()
+
+
 def sscs_sample(
     cld: CLD,
     score: Score,
@@ -123,20 +137,15 @@ def sscs_sample(
     score part keeps it first order overall (tests: error ~ 1/steps like Euler-Maruyama, but far
     smaller at few steps). `steps` = score evaluations, denoising included. Returns float32 (x, v).
     """
-    _check_state(x, v)
-    grid = sde_time_grid(cld, steps, denoise).to(x.device)
-    batch = x.shape[0]
-    with torch.no_grad():
-        for i in tqdm(range(len(grid) - 1), desc=f"sscs{steps}", disable=not progress):
-            t = grid[i].expand(batch).clone()
-            h = (grid[i] - grid[i + 1]).expand(batch)
-            x, v = _analytic_half_step(cld, x, v, h / 2, noise)
-            s = score(x, v, t).to(x.dtype)
-            v = v + _rows(h * 2.0 * cld.damping * cld.beta, v) * (s + v / cld.mass)
-            x, v = _analytic_half_step(cld, x, v, h / 2, noise)
-        if denoise:
-            x, v = _denoise(cld, score, x, v)
-    return x.float(), v.float()
+
+    def step(x, v, t, h):
+        h = h.expand(x.shape[0])
+        x, v = _analytic_half_step(cld, x, v, h / 2, noise)
+        s = score(x, v, t).to(x.dtype)
+        v = v + _rows(h * 2.0 * cld.damping * cld.beta, v) * (s + v / cld.mass)
+        return _analytic_half_step(cld, x, v, h / 2, noise)
+
+    return _reverse_sde(cld, score, x, v, steps, denoise, progress, f"sscs{steps}", step)
 
 
 def euler_maruyama_sample(
@@ -156,19 +165,13 @@ def euler_maruyama_sample(
     v += h (beta x + Gamma beta M^-1 v + 2 Gamma beta score) + sqrt(2 Gamma beta h) z, one draw
     z per step (x gets no noise). Returns float32 (x, v).
     """
-    _check_state(x, v)
-    grid = sde_time_grid(cld, steps, denoise).to(x.device)
-    batch = x.shape[0]
-    with torch.no_grad():
-        for i in tqdm(range(len(grid) - 1), desc=f"em{steps}", disable=not progress):
-            t = grid[i].expand(batch).clone()
-            h = grid[i] - grid[i + 1]
-            dx, dv = _reverse_drift(cld, x, v, score(x, v, t).to(x.dtype), 1.0)
-            z = noise(x.shape).to(device=x.device, dtype=x.dtype)
-            x, v = x + h.item() * dx, v + h.item() * dv + (2.0 * cld.damping * cld.beta * h.item()) ** 0.5 * z
-        if denoise:
-            x, v = _denoise(cld, score, x, v)
-    return x.float(), v.float()
+
+    def step(x, v, t, h):
+        dx, dv = _reverse_drift(cld, x, v, score(x, v, t).to(x.dtype), 1.0)
+        z = noise(x.shape).to(device=x.device, dtype=x.dtype)
+        return x + h.item() * dx, v + h.item() * dv + (2.0 * cld.damping * cld.beta * h.item()) ** 0.5 * z
+
+    return _reverse_sde(cld, score, x, v, steps, denoise, progress, f"em{steps}", step)
 
 
 # Dormand-Prince 5(4) tableau (Dormand & Prince 1980), the method of scipy's RK45, which the
