@@ -25,14 +25,10 @@ import torch
 from tqdm import tqdm
 
 from diffusion.cld import CLD, propagator, transition_covariance
+from diffusion.dormand_prince import integrate, rows_view as _rows
 
 Score = Callable[..., torch.Tensor]  # score(x, v, t, rows=None)
 Noise = Callable[[Sequence[int]], torch.Tensor]
-
-
-def _rows(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-sample coefficient [B] viewed as [B, 1, ...] in `like`'s dtype, to scale [B, ...] tensors."""
-    return c.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 def _check_state(x: torch.Tensor, v: torch.Tensor) -> None:
@@ -174,23 +170,6 @@ def euler_maruyama_sample(
     return _reverse_sde(cld, score, x, v, steps, denoise, progress, f"em{steps}", step)
 
 
-# Dormand-Prince 5(4) tableau (Dormand & Prince 1980), the method of scipy's RK45, which the
-# official code runs through torchdiffeq's `scipy_solver`. The 7th stage is evaluated at the
-# accepted 5th-order solution, so it is the next step's first stage (FSAL).
-_DP_NODES = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0)
-_DP_A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-)
-_DP_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
-_DP_ERR = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)  # b5 - b4
-_SAFETY, _MIN_FACTOR, _MAX_FACTOR = 0.9, 0.2, 10.0
-
-
 def _pf_rhs(cld: CLD, score: Score, u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """du/ds of the probability-flow ODE in reverse time s = 1 - t; u = stack((x, v), dim=1)."""
     x, v = u[:, 0].contiguous(), u[:, 1].contiguous()
@@ -198,84 +177,18 @@ def _pf_rhs(cld: CLD, score: Score, u: torch.Tensor, s: torch.Tensor) -> torch.T
     return torch.stack((dx, dv), dim=1)
 
 
-def _row_rms(u: torch.Tensor) -> torch.Tensor:
-    """Root mean square of each row (float64 [B]): the per-sample norm of the error control."""
-    return u.to(torch.float64).flatten(1).pow(2).mean(dim=1).sqrt()
-
-
-def _initial_step(cld: CLD, score: Score, u: torch.Tensor, f0: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
-    """Per-row first step from the local scale of u and u' (Hairer, Norsett & Wanner, Sec. II.4)."""
-    scale = atol + rtol * u.abs()
-    d0, d1 = _row_rms(u / scale), _row_rms(f0 / scale)
-    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
-    s = torch.zeros_like(h0)
-    f1 = _pf_rhs(cld, score, u + _rows(h0, u) * f0, s + h0)
-    d2 = _row_rms((f1 - f0) / scale) / h0
-    big = torch.maximum(d1, d2)
-    h1 = torch.where(big <= 1e-15, torch.clamp_min(h0 * 1e-3, 1e-6), (0.01 / big.clamp_min(1e-300)) ** (1 / 5))
-    return torch.minimum(100 * h0, h1)
-
-
-def _on_rows(score: Score, rows: torch.Tensor) -> Score:
+def _on_rows(score: Score, rows: Optional[torch.Tensor]) -> Score:
     """The score of a subset of the batch, telling it which rows it sees."""
-    return lambda x, v, t: score(x, v, t, rows=rows)
+    return score if rows is None else (lambda x, v, t: score(x, v, t, rows=rows))
 
 
 def _adaptive_pf(
     cld: CLD, score: Score, u: torch.Tensor, rtol: float, atol: float, max_steps: int, progress: bool
 ) -> torch.Tensor:
-    """Dormand-Prince 5(4) from s = 0 to 1 - eps with a step size and error control per row.
-
-    Every row keeps its own s, h and FSAL stage; each iteration attempts one step on the rows
-    still running (only those rows reach `score`). Error norm: per-row RMS of
-    err / (atol + rtol max(|u|, |u_new|)), accept when <= 1, new h = h clip(0.9 norm^-1/5, 0.2, 10)
-    (no growth right after a rejection), as scipy's RK45 but per sample instead of over the
-    whole batch, so a sample's trajectory does not depend on the rest of the batch.
-    """
-    end = 1.0 - cld.sampling_eps
-    batch = u.shape[0]
-    s = torch.zeros(batch, dtype=torch.float64, device=u.device)
-    k_first = _pf_rhs(cld, score, u, s)
-    h = torch.minimum(_initial_step(cld, score, u, k_first, rtol, atol), torch.full_like(s, end))
-    rejected = torch.zeros(batch, dtype=torch.bool, device=u.device)
-    done = torch.zeros(batch, dtype=torch.bool, device=u.device)
-    bar = tqdm(total=end, desc="pf-ode", disable=not progress, bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f}")
-    for _ in range(max_steps):
-        rows = (~done).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            break
-        ur, sr, kr = u[rows], s[rows], k_first[rows]
-        part = _on_rows(score, rows)
-        remaining = end - sr
-        last = remaining <= 1.01 * h[rows]  # stretch a step that would leave a sliver of < 1% of h
-        hr = torch.where(last, remaining, h[rows])
-        if bool((hr <= 1e-12).any()):
-            raise RuntimeError("probability-flow ODE: step size underflow; loosen rtol/atol or check the score")
-        hu = _rows(hr, ur)
-        stages = [kr]
-        for i in range(1, 6):
-            ui = ur + hu * sum(a * k for a, k in zip(_DP_A[i], stages))
-            stages.append(_pf_rhs(cld, part, ui, sr + _DP_NODES[i] * hr))
-        u_new = ur + hu * sum(b * k for b, k in zip(_DP_B5, stages))
-        stages.append(_pf_rhs(cld, part, u_new, sr + hr))
-        err = hu * sum(e * k for e, k in zip(_DP_ERR, stages))
-        norm = _row_rms(err / (atol + rtol * torch.maximum(ur.abs(), u_new.abs())))
-        accept = norm <= 1.0
-        factor = (_SAFETY * norm.clamp_min(1e-10) ** -0.2).clamp(_MIN_FACTOR, _MAX_FACTOR)
-        factor = torch.where(accept & rejected[rows], factor.clamp_max(1.0), factor)  # < 1 when rejected
-        at_end = accept & last
-        s[rows] = torch.where(accept, torch.where(at_end, torch.full_like(sr, end), sr + hr), sr)
-        keep = accept.view(-1, *([1] * (ur.dim() - 1)))
-        u[rows] = torch.where(keep, u_new, ur)
-        k_first[rows] = torch.where(keep, stages[-1], kr)
-        h[rows] = hr * factor
-        rejected[rows] = ~accept
-        done[rows] = at_end
-        bar.update(float(s.min()) - bar.n)
-    else:
-        raise RuntimeError(f"probability-flow ODE: not finished after {max_steps} step attempts")
-    bar.close()
-    return u
+    """Per-sample Dormand-Prince 5(4) (diffusion/dormand_prince.py) from s = 0 to 1 - eps: every row keeps
+    its own step size and error control, so a sample's trajectory does not depend on the rest of the batch."""
+    rhs = lambda u, s, rows: _pf_rhs(cld, _on_rows(score, rows), u, s)
+    return integrate(rhs, u, 1.0 - cld.sampling_eps, rtol, atol, max_steps, progress, desc="pf-ode")
 
 
 def _fixed_step_pf(cld: CLD, score: Score, u: torch.Tensor, solver: str, steps: int, progress: bool) -> torch.Tensor:

@@ -76,3 +76,16 @@ class NoExtraState:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class SingleNetwork(NoExtraState):
+    """A method that trains one network, "model", with one optimizer."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def objectives(self) -> list[Objective]:
+        return [Objective("model", ("model",))]

@@ -21,10 +21,12 @@ from diffusion.cld import CLD
 from diffusion.cld_samplers import euler_maruyama_sample, probability_flow_sample, sscs_sample
 from diffusion.guidance import guided_model_fn
 from diffusion.noise import per_row_noise
-from methods.base import NoExtraState, Objective
-from methods.diffusion import check_null_class
+from methods.base import SingleNetwork
+from methods.sampling import interval_of
+from methods.spec import MethodSpec
 from methods.timestep_buckets import TimestepBuckets
 from models.flops import dit_forward_flops
+from runtime.config import ConfigError, check_choices
 
 SAMPLERS = ("sscs", "euler-maruyama", "cld-ode")
 TIME_SCALE = 1000.0  # the network sees 1000 t: DiT's timestep range
@@ -35,7 +37,7 @@ def network_input(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, v], dim=1)
 
 
-class CLDMethod(NoExtraState):
+class CLDMethod(SingleNetwork):
     """L = mean over the batch of ||alpha_theta + v_t / (ell_t Svv) - eps_v||^2 (HSM, lambda = ell_t^-2).
 
     Also keeps the loss per range of t (`buckets` equal ranges of [0, 1]), as the diffusion method
@@ -43,15 +45,9 @@ class CLDMethod(NoExtraState):
     """
 
     def __init__(self, model: nn.Module, process: CLD, buckets: int = 0):
-        self.model = model
+        super().__init__(model)
         self.process = process
         self.buckets = TimestepBuckets(1000, buckets) if buckets else None
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
-
-    def objectives(self) -> list[Objective]:
-        return [Objective("model", ("model",))]
 
     def loss(self, objective, nets, x, y, generator):
         x = x.float()
@@ -97,18 +93,25 @@ def build(cfg: DictConfig, model: nn.Module, device: torch.device) -> CLDMethod:
     return CLDMethod(model, process_of(metadata(cfg)["cld"]), buckets=cfg.train.loss_buckets)
 
 
-def check_settings(settings: DictConfig, model_args: dict) -> None:
-    """Samplers and settings a CLD checkpoint can honour, named before any sampling."""
-    if settings.sampler not in SAMPLERS:
-        raise ValueError(f"the checkpoint is a critically-damped Langevin diffusion: it samples with "
-                         f"{', '.join(SAMPLERS)} (set sample.sampler, or inference.sampler), not {settings.sampler!r}")
+def check_config(cfg: DictConfig) -> None:
+    """cld.*: the process and the ODE solver's settings."""
+    cc = cfg.cld
+    check_choices(cfg, {"cld.ode_solver": ("adaptive", "rk4", "heun", "euler")})
+    for key in ("mass", "beta", "gamma", "ode_rtol", "ode_atol"):
+        if not cc[key] > 0:
+            raise ConfigError(f"invalid value cld.{key}={cc[key]}: it must be > 0")
+    if not 0 < cc.eps < 1 or not 0 < cc.sampling_eps < 1 or cc.numerical_eps < 0:
+        raise ConfigError(f"cld.eps={cc.eps}, cld.sampling_eps={cc.sampling_eps} must lie in (0, 1) and "
+                          f"cld.numerical_eps={cc.numerical_eps} be >= 0")
+
+
+def check_settings(settings: DictConfig) -> None:
+    """Settings of the CLD samplers, named before any sampling (the sampler name is checked by methods/sampling.py)."""
     if settings.sampler != "cld-ode" and settings.steps < 2:
         raise ValueError(f"{settings.sampler} needs steps >= 2 (score evaluations, the denoising step included), "
                          f"got steps={settings.steps}")
     if settings.eta:
         raise ValueError(f"eta is DDIM's; the CLD samplers cannot honour eta={settings.eta} (set eta=0)")
-    if float(settings.cfg_scale) != 1.0:
-        check_null_class(model_args, f"cfg_scale={settings.cfg_scale}")
 
 
 def _ode_settings(cfg: DictConfig | None) -> dict:
@@ -120,11 +123,12 @@ def _ode_settings(cfg: DictConfig | None) -> dict:
 def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, checkpoint: dict, settings: DictConfig):
     """sample(noise, y, generators, progress) -> latents: `noise` is x_1 ~ N(0, I); v_1 ~ N(0, M I) and every
     later draw come from image i's own generator, so an image does not depend on its batch."""
-    check_settings(settings, model_args)
+    check_settings(settings)
     process = process_of(checkpoint["cld"])
     scale, all_channels = float(settings.cfg_scale), bool(settings.cfg_all_channels)
     num_classes, channels, steps = model_args["num_classes"], model_args["in_channels"], int(settings.steps)
     ode = _ode_settings(cfg)
+    interval = interval_of(settings)
     if settings.sampler == "cld-ode" and ode["solver"] != "adaptive" and steps < 1:
         raise ValueError(f"cld-ode with cld.ode_solver={ode['solver']} needs steps >= 1, got steps={steps}")
 
@@ -140,10 +144,12 @@ def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, chec
         device = noise.device
         x = noise.float()
         v = per_row_noise(noise.shape, generators, device) * math.sqrt(process.mass)
-        guided = guided_model_fn(model, y, scale, num_classes, all_channels=all_channels)
+        guide = lambda labels: guided_model_fn(model, labels, scale, num_classes, all_channels=all_channels,
+                                               interval=interval, time_of=lambda t: t / TIME_SCALE)
+        guided = guide(y)
 
         def score(x, v, t, rows=None):
-            fn = guided if rows is None else guided_model_fn(model, y[rows], scale, num_classes, all_channels)
+            fn = guided if rows is None else guide(y[rows])
             out = fn(network_input(x, v), (TIME_SCALE * t).float().to(device))[:, :channels].float()
             return process.velocity_score(out, x, v, t.to(device))
 
@@ -153,7 +159,21 @@ def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, chec
     return sample
 
 
-def describe_sampler(checkpoint: dict, settings: DictConfig) -> str:
+def describe_sampler(checkpoint: dict, settings: DictConfig, cfg: DictConfig) -> str:
     if settings.sampler == "cld-ode":
         return f"cld-ode (probability-flow ODE, see cld.ode_solver), cfg scale {settings.cfg_scale}"
     return f"{settings.sampler} x {settings.steps} score evaluations (CLD), cfg scale {settings.cfg_scale}"
+
+
+SPEC = MethodSpec(
+    name="cld",
+    title="a critically-damped Langevin diffusion",
+    samplers=SAMPLERS,
+    generation_sampler=generation_sampler,
+    describe_sampler=describe_sampler,
+    model_args=model_args,
+    build=build,
+    metadata=metadata,
+    flops_per_image=flops_per_image,
+    check_config=check_config,
+)

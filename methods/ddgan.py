@@ -18,9 +18,10 @@ from diffusion.ddgan_schedule import DDGANSchedule
 from diffusion.noise import per_row_noise
 from methods.base import NoExtraState, Objective
 from methods.gan_losses import discriminator_loss, generator_loss, r1_penalty
+from methods.spec import MethodSpec
 from models.discriminator import create_discriminator
 from models.flops import dit_forward_flops
-from runtime.config import ConfigError
+from runtime.config import LEARNING_RATE, ConfigError, check_values
 
 
 class DDGANMethod(NoExtraState):
@@ -126,18 +127,25 @@ def build(cfg: DictConfig, model: nn.Module, device: torch.device) -> DDGANMetho
                        float(dc.lr_d) / float(cfg.train.lr))
 
 
+def check_config(cfg: DictConfig) -> None:
+    """ddgan.*: the chain, the discriminator's optimiser and R1."""
+    dc = cfg.ddgan
+    for key in ("num_steps", "z_dim", "lazy_reg"):
+        if dc[key] < 1:
+            raise ConfigError(f"invalid value ddgan.{key}={dc[key]}: it must be at least 1")
+    if not 0 < dc.beta_min < dc.beta_max:
+        raise ConfigError(f"ddgan.beta_min={dc.beta_min}, ddgan.beta_max={dc.beta_max}: need 0 < beta_min < beta_max")
+    check_values(cfg, ("ddgan.lr_d",), LEARNING_RATE)
+    if dc.r1_gamma < 0:
+        raise ConfigError(f"invalid value ddgan.r1_gamma={dc.r1_gamma}: it must be >= 0 (0: no R1)")
+
+
 def check_settings(info: dict, settings: DictConfig) -> None:
-    """A DDGAN generator samples one way: its own T steps, no guidance."""
+    """A DDGAN generator samples one way: its own T steps (no guidance: methods/sampling.py refuses cfg_scale != 1)."""
     steps = int(info["num_steps"])
-    if settings.sampler != "ddgan":
-        raise ValueError(f"the checkpoint is a {steps}-step denoising diffusion GAN: it samples only with "
-                         f"sampler=ddgan (set sample.sampler=ddgan, or inference.sampler=ddgan), not {settings.sampler!r}")
     if settings.steps not in (0, steps):
         raise ValueError(f"the checkpoint is a {steps}-step denoising diffusion GAN; steps={settings.steps} cannot be "
                          f"honoured (use steps={steps} or 0)")
-    if float(settings.cfg_scale) != 1.0:
-        raise ValueError(f"classifier-free guidance is not part of DDGAN (its generator has no null class); "
-                         f"cfg_scale={settings.cfg_scale} cannot be honoured: set sample.cfg_scale=1")
 
 
 def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, checkpoint: dict, settings: DictConfig):
@@ -163,5 +171,21 @@ def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, chec
     return sample
 
 
-def describe_sampler(checkpoint: dict, settings: DictConfig) -> str:
+def describe_sampler(checkpoint: dict, settings: DictConfig, cfg: DictConfig) -> str:
     return f"ddgan x {checkpoint['ddgan']['num_steps']} steps (one generator evaluation each), no guidance"
+
+
+SPEC = MethodSpec(
+    name="ddgan",
+    title="a denoising diffusion GAN",
+    samplers=("ddgan",),
+    generation_sampler=generation_sampler,
+    describe_sampler=describe_sampler,
+    guidance=False,
+    cfg_interval=False,
+    model_args=model_args,
+    build=build,
+    metadata=metadata,
+    flops_per_image=flops_per_image,
+    check_config=check_config,
+)

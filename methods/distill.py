@@ -13,7 +13,9 @@ at any scale in the range.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -22,12 +24,18 @@ from torch import nn
 
 from diffusion.continuous_ddim import ddim_sample, ddim_step
 from diffusion.continuous_schedule import ContinuousSchedule
-from diffusion.guidance import guided_model_fn
 from diffusion.likelihood import mean_flat
 from diffusion.progressive_distillation import distillation_target, loss_weight, stage_times, x_from_output
 from diffusion.schedule import get_beta_schedule
-from methods.base import NoExtraState, Objective
+from methods.base import SingleNetwork
+from methods.spec import MethodSpec
 from models import create_model
+from runtime.checkpoint import latest_checkpoint
+from runtime.config import (AT_LEAST_ONE, LEARNING_RATE, NON_NEGATIVE, PRECISIONS, ConfigError, check_choices,
+                            check_values)
+
+SAMPLER = "distilled"  # sample.sampler of the students
+STAGE_FINISHED = "stage.json"  # written in a stage's folder once it has been trained and measured
 
 # denoise(z_t, t [B] float64, y [B], scale: float | [B] tensor) -> x_hat, float32
 Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
@@ -55,19 +63,6 @@ class Guidance:
     def as_dict(self) -> dict:
         return {"cfg_scale": self.scale, "cfg_range": list(self.range) if self.range else None,
                 "cfg_all_channels": self.all_channels}
-
-
-def eps_teacher(model: nn.Module, schedule: ContinuousSchedule, num_classes: int, channels: int,
-                all_channels: bool) -> Denoise:
-    """x_hat of a trained DiT: DiT's guided epsilon (one batched forward for the CFG pair), then x."""
-
-    def denoise(z, t, y, scale):
-        fn = guided_model_fn(model, y, scale, num_classes, all_channels=all_channels)
-        eps = fn(z, schedule.model_timesteps(t).to(z.device))[:, :channels].float()
-        alpha, sigma = schedule.alpha_sigma(t)
-        return x_from_output(eps, z, alpha, sigma, "eps")
-
-    return denoise
 
 
 def student_denoiser(net: nn.Module, schedule: ContinuousSchedule, parameterization: str, channels: int,
@@ -98,24 +93,18 @@ def make_student(model_args: dict, weights: dict, scale_conditioned: bool) -> tu
     return student, margs
 
 
-class DistillMethod(NoExtraState):
+class DistillMethod(SingleNetwork):
     """Loss of one stage: w(t) ||x_tilde - x_hat_student(z_t)||^2 with x_tilde from two teacher DDIM steps."""
 
     def __init__(self, student: nn.Module, teacher: Denoise, schedule: ContinuousSchedule, student_steps: int,
                  parameterization: str, weighting: str, guidance: Guidance):
-        self.student = student
+        super().__init__(student)
         self.teacher = teacher
         self.schedule = schedule
         self.steps = student_steps
         self.parameterization = parameterization
         self.weighting = weighting
         self.guidance = guidance
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.student}
-
-    def objectives(self) -> list[Objective]:
-        return [Objective("model", ("model",))]
 
     def loss(self, objective, nets, x, y, generator):
         device = x.device
@@ -171,11 +160,6 @@ def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, chec
     """sample(noise, y, generators, progress) -> latents: the student's own N-step DDIM, one forward per step."""
     info = checkpoint["distill"]
     steps = int(info["steps"])
-    if settings.sampler != "distilled":
-        raise ValueError(
-            f"the checkpoint is a {steps}-step distilled student: it samples only with sample.sampler=distilled "
-            f"(set sample.sampler=distilled, or inference.sampler=distilled), not {settings.sampler!r}"
-        )
     if settings.steps not in (0, steps):
         raise ValueError(
             f"the checkpoint is a {steps}-step distilled student; steps={settings.steps} cannot be honoured "
@@ -194,6 +178,98 @@ def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, chec
     return sample
 
 
-def describe_sampler(checkpoint: dict, settings: DictConfig) -> str:
+def describe_sampler(checkpoint: dict, settings: DictConfig, cfg: DictConfig) -> str:
     steps = checkpoint["distill"]["steps"]
     return f"distilled x {steps} steps (one forward each), cfg scale {settings.cfg_scale} folded into the student"
+
+
+def check_config(cfg: DictConfig) -> None:
+    """distill.*, checked when -p distill runs or a student is sampled."""
+    check_choices(cfg, {"distill.precision": PRECISIONS, "distill.parameterization": ("v", "x", "eps"),
+                        "distill.loss_weight": ("snr_trunc", "snr_plus_one")})
+    check_values(cfg, ("distill.batch_size", "distill.iters_per_stage", "distill.grad_accum", "distill.ckpt_every",
+                       "distill.log_every", "distill.eval_samples"), AT_LEAST_ONE)
+    check_values(cfg, ("distill.keep_last", "distill.max_grad_norm", "distill.warmup_steps", "distill.weight_decay",
+                       "distill.ckpt_every_minutes", "distill.peak_tflops"), NON_NEGATIVE)
+    check_values(cfg, ("distill.lr",), LEARNING_RATE)
+    dc = cfg.distill
+    for key in ("start_steps", "end_steps"):
+        value = dc[key]
+        if value < 1 or value & (value - 1):
+            raise ConfigError(f"distill.{key}={value} must be a power of two (1, 2, 4, ...)")
+    if dc.end_steps >= dc.start_steps:
+        raise ConfigError(f"distill.end_steps={dc.end_steps} must be smaller than distill.start_steps={dc.start_steps} "
+                          "(each stage halves the number of sampling steps)")
+    if dc.first_stage_iters is not None and dc.first_stage_iters < 1:
+        raise ConfigError(f"distill.first_stage_iters={dc.first_stage_iters} must be at least 1 (or null)")
+    if dc.fid_samples < 0:
+        raise ConfigError(f"distill.fid_samples={dc.fid_samples} must be >= 0 (0: no FID per stage)")
+    if dc.cfg_scale < 0:
+        raise ConfigError(f"distill.cfg_scale={dc.cfg_scale} must be >= 0")
+    if dc.cfg_range is not None:
+        low_high = list(dc.cfg_range)
+        if len(low_high) != 2 or not 0 <= low_high[0] < low_high[1]:
+            raise ConfigError(f"distill.cfg_range={low_high} must be [lo, hi] with 0 <= lo < hi")
+        if not low_high[0] <= dc.cfg_scale <= low_high[1]:
+            raise ConfigError(f"distill.cfg_scale={dc.cfg_scale} (the scale of the stage grids) must lie in "
+                              f"distill.cfg_range={low_high}")
+    if not 0 <= dc.ema_decay < 1:
+        raise ConfigError(f"distill.ema_decay={dc.ema_decay} must be in [0, 1) (0: no EMA)")
+
+
+def stage_dir(experiment_dir: str | Path, steps: int) -> Path:
+    """The folder of the distillation stage whose student samples in `steps` steps."""
+    return Path(experiment_dir) / "distill" / f"{steps:04d}_steps"
+
+
+def students(experiment_dir: str | Path) -> dict[int, tuple[Path, bool]]:
+    """steps -> (latest checkpoint of that stage, whether the stage finished) for every stage with a checkpoint."""
+    found = {}
+    root = Path(experiment_dir) / "distill"
+    for folder in sorted(root.glob("*_steps")) if root.is_dir() else []:
+        match = re.match(r"^(\d+)_steps$", folder.name)
+        latest = latest_checkpoint(folder) if match else None
+        if latest is not None:
+            found[int(match.group(1))] = (latest, (folder / STAGE_FINISHED).is_file())
+    return found
+
+
+def locate(experiment_dir: str | Path, steps: int) -> Path:
+    """The student of the `steps`-step stage, or (steps 0) of the last finished stage."""
+    found = students(experiment_dir)
+    if steps:
+        if steps not in found:
+            have = ", ".join(str(n) for n in sorted(found, reverse=True)) or "none"
+            raise FileNotFoundError(
+                f"no {steps}-step student in {Path(experiment_dir) / 'distill'} (students with a checkpoint: {have}); "
+                "run -p distill, or pass ckpt=PATH"
+            )
+        return found[steps][0]
+    finished = [n for n, (_, done) in found.items() if done]
+    if not finished:
+        raise FileNotFoundError(
+            f"no finished distillation stage in {Path(experiment_dir) / 'distill'}: run -p distill first, "
+            "choose a stage with steps=N, or pass ckpt=PATH"
+        )
+    return found[min(finished)][0]
+
+
+def output_root(experiment_dir: str | Path, ckpt: Path) -> Path:
+    """A student of this run writes into its stage folder, so it never overwrites the teacher's files."""
+    ckpt, distill = Path(ckpt).resolve(), (Path(experiment_dir) / "distill").resolve()
+    if ckpt.parent.name == "checkpoints" and ckpt.parent.parent.parent == distill:
+        return Path(experiment_dir) / "distill" / ckpt.parent.parent.name
+    return Path(experiment_dir)
+
+
+SPEC = MethodSpec(
+    name="distill",
+    title="a distilled student (from -p distill)",
+    samplers=(SAMPLER,),
+    generation_sampler=generation_sampler,
+    describe_sampler=describe_sampler,
+    cfg_interval=False,
+    check_config=check_config,
+    locate=locate,
+    output_root=output_root,
+)

@@ -183,12 +183,14 @@ def resized_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
 
 
 def load_pretrained(model: nn.Module, path: str | Path, prefer_ema: bool = True, obj: object = None,
-                    mode: str = "strict") -> str:
+                    mode: str = "strict", drop_prefixes: tuple = ()) -> str:
     """Load the weights in `path` into `model` (`obj`: the file already read, so it is read once).
 
     mode "strict": every key and shape must match. "resize": see resized_state (fine-tuning to
-    another resolution or class count). Returns which entry was used ("ema", "model", or
-    "state_dict" for a plain state dict), and for "resize" what was not copied.
+    another resolution or class count). Keys starting with one of `drop_prefixes` are parts of
+    another tool's network that ours does not have (REPA's projectors): removed first. Returns
+    which entry was used ("ema", "model", or "state_dict" for a plain state dict), and for
+    "resize" what was not copied.
     """
     path = Path(path)
     if obj is None:
@@ -200,6 +202,7 @@ def load_pretrained(model: nn.Module, path: str | Path, prefer_ema: bool = True,
         state = extract_state_dict(obj, prefer_ema)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(drop_prefixes))}
     model = _unwrap(model)
     if mode == "resize":
         try:

@@ -14,24 +14,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from datasets.autoencoder import load_autoencoder
 from datasets.latent_cache import LatentDataset, read_cache_info
 from diffusion.continuous_schedule import ContinuousSchedule
 from diffusion.progressive_distillation import stage_step_counts
 from diffusion.schedule import get_beta_schedule
-from methods.diffusion import check_null_class
-from methods.distill import DistillMethod, Guidance, eps_teacher, make_student, student_denoiser
+from methods import registry
+from methods import distill as distill_method
+from methods.distill import DistillMethod, Guidance, make_student, stage_dir, student_denoiser
+from methods.sampling import check_null_class
 from models.flops import dit_forward_flops
 from models.pretrained import extract_state_dict
 from phases.distill_report import StageEvaluator, write_quality_figure
-from phases import inference
-from phases.generation import load_model
+from phases.generation import load_generator, load_model
+from phases.npz_generation import generate_npz, inference_identity, sample_labels
+from phases.scoring import load_evaluator, score_and_record
 from phases.validation import holdout_split
 from runtime import distributed as dist
 from runtime import training_loop
-from runtime.checkpoint import latest_checkpoint, load_checkpoint, stage_dir
+from runtime.checkpoint import latest_checkpoint, load_checkpoint
 from runtime.config import record_config, to_container
 from runtime.console import MetricsLog, info
 from runtime.data_stream import mix_seed
@@ -93,6 +96,7 @@ def run(cfg: DictConfig) -> Path:
 def prepare(cfg: DictConfig) -> Plan:
     """Guard rails: every input is checked before the first stage starts, and nothing is written."""
     dc = cfg.distill
+    distill_method.check_config(cfg)
     counts = stage_step_counts(dc.start_steps, dc.end_steps)
     cache = read_cache_info(cfg.data.cache_path)
     check_cache_matches_config(cfg, cache)
@@ -103,7 +107,7 @@ def prepare(cfg: DictConfig) -> Plan:
     identity = {"teacher": str(teacher_path.resolve()), "start_steps": dc.start_steps, "parameterization":
                 dc.parameterization, "loss_weight": dc.loss_weight, **guidance.as_dict(),
                 "schedule": cfg.diffusion.schedule, "num_steps": cfg.diffusion.num_steps}
-    extractor = inference.evaluation_extractor(cfg) if dc.fid_samples else None  # reference + Inception, now
+    extractor = load_evaluator(cfg) if dc.fid_samples else None  # the reference and the feature network, now
     items, _ = holdout_split(cache["num_items"], cfg.data.holdout)
     stage_settings(cfg, 0, counts[0]).check(dist.world_size())
     schedule = ContinuousSchedule(get_beta_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps))
@@ -116,7 +120,8 @@ def distil(cfg: DictConfig, plan: Plan) -> Path:
     original = loaded.model.to(device).eval().requires_grad_(False)
     channels, classes = loaded.model_args["in_channels"], loaded.model_args["num_classes"]
     teacher_net = torch.compile(original) if dc.compile else original
-    original_denoise = eps_teacher(teacher_net, plan.schedule, classes, channels, guidance.all_channels)
+    teacher_spec = registry.checkpoint_spec(loaded.meta)
+    original_denoise = teacher_spec.teacher(teacher_net, loaded.model_args, cfg, guidance.all_channels)
     evaluator = None
     if dist.is_main():  # grids and MSEs are made on rank 0: load the autoencoder now, not after hours
         autoencoder = load_autoencoder(cfg.autoencoder.name, device, scale_factor=float(plan.cache["scale_factor"]))
@@ -197,18 +202,24 @@ def run_stage(cfg, index: int, steps: int, teacher: Teacher, guidance: Guidance,
     return Teacher(student_denoise, margs, weights, str(last))
 
 
-def student_fid(cfg: DictConfig, steps: int, guidance: Guidance, extractor) -> None:
-    """Inference + evaluate of the N-step student on distill.fid_samples images (all ranks; resumable;
-    results in distill/NNNN_steps/eval/samples.json, read by the figure). Seeds as for the teacher's FID."""
-    stage_cfg = cfg.copy()
-    stage_cfg.ckpt = None
-    stage_cfg.sample.sampler, stage_cfg.sample.steps = "distilled", steps
-    stage_cfg.inference.num_samples, stage_cfg.inference.evaluate = cfg.distill.fid_samples, True
-    stage_cfg.inference.cfg_scale = guidance.scale
-    for key in ("sampler", "steps", "eta", "output"):
-        stage_cfg.inference[key] = None
-    stage_cfg.evaluate.samples = stage_cfg.evaluate.output = None
-    inference.run(stage_cfg, feature_extractor=extractor)
+def student_fid(cfg: DictConfig, steps: int, guidance: Guidance, evaluator) -> None:
+    """FID of the N-step student on distill.fid_samples images (all ranks; resumable), with the seeds and labels of
+    the teacher's FID: distill/NNNN_steps/inference/samples.npz and eval/samples.json (read by the figure)."""
+    settings = OmegaConf.create({"sampler": distill_method.SAMPLER, "steps": steps, "cfg_scale": guidance.scale,
+                                 "eta": 0.0, "cfg_all_channels": None, "cfg_interval": None, "time_shift": 1.0,
+                                 "precision": cfg.sample.precision, "compile": False})
+    folder = stage_dir(cfg.experiment_dir, steps)
+    ckpt = distill_method.locate(cfg.experiment_dir, steps)
+    out = folder / "inference" / "samples.npz"
+    if not out.exists():
+        generator = load_generator(cfg, ckpt, settings, cfg.sample.use_ema, dist.device())
+        labels = sample_labels(cfg.distill.fid_samples, generator.model_args["num_classes"], cfg.seed,
+                               cfg.inference.class_balanced)
+        identity = inference_identity(cfg, ckpt, settings, cfg.distill.fid_samples)
+        generate_npz(generator, labels, cfg.seed, out, identity, cfg.inference.batch_size)
+    if dist.is_main():
+        score_and_record(cfg, evaluator, out, folder / "eval" / "samples.json")
+    dist.barrier()
 
 
 def stage_iters(dc: DictConfig, index: int) -> int:
@@ -243,15 +254,12 @@ def resolve_teacher(cfg: DictConfig) -> Path:
 def load_teacher(cfg: DictConfig, path: Path, cache: dict):
     """The teacher model, checked against the config's model, the cache and the diffusion schedule."""
     loaded = load_model(cfg, path, use_ema=cfg.distill.use_teacher_ema)
-    method = loaded.meta.get("method", "diffusion")
-    if method == "distill":
-        raise ValueError(
-            f"{path} is a distilled student, not a diffusion model: distil from the trained DiT (or resume the "
-            "distillation run, which continues its stages by itself)"
-        )
-    if method != "diffusion":
-        raise ValueError(f"{path} was trained with model.method={method}: progressive distillation needs an IDDPM "
-                         "(model.method=diffusion) teacher")
+    spec = registry.checkpoint_spec(loaded.meta)
+    if spec.teacher is None:
+        teachers = " or ".join(s.title for s in registry.specs() if s.teacher is not None)
+        raise ValueError(f"{path} is {spec.title}: progressive distillation starts from {teachers} (to continue a "
+                         "distillation, re-run it: it resumes its stages by itself)")
+    spec.check_config(cfg)
     check_same_model(loaded.model_args, model_args_from_cache(cfg, cache), f"the teacher {path}")
     stored = (loaded.meta.get("config") or {}).get("diffusion") or {}
     for key in ("num_steps", "schedule"):

@@ -22,7 +22,7 @@ from diffusion.noise import per_row_noise
 from phases.generation import to_uint8
 from phases.sample import grid_image, save_figure, save_png
 from runtime.atomic_file import atomic_write, write_text_atomic
-from runtime.checkpoint import STAGE_FINISHED, stage_dir
+from methods.distill import STAGE_FINISHED, stage_dir
 from runtime.precision import autocast
 
 STAGE_FILE = STAGE_FINISHED

@@ -1,9 +1,9 @@
 """FID over checkpoints: `-p evaluate evaluate.checkpoints=all` (or a list of steps), and train.fid_every.
 
-For every checkpoint of the run not yet evaluated with the same settings, `inference` makes
-evaluate.num_samples images (multi-process, resumable, evaluate.sampler/steps over the inference
-sampler: a fast sampler for curves) and `evaluate` scores them against evaluate.reference. Each
-result is added to eval/fid_vs_step.json (points keyed by step and a hash of the settings, so a
+For every checkpoint of the run not yet evaluated with the same settings, evaluate.num_samples images
+are generated (phases/npz_generation.py: multi-process, resumable; evaluate.sampler/steps over the
+inference sampler: a fast sampler for curves) and scored against evaluate.reference (phases/scoring.py).
+Each result is added to eval/fid_vs_step.json (points keyed by step and a hash of the settings, so a
 re-run skips what is done and other settings never mix) and drawn in eval/fid_vs_step.png. The
 images are deleted once scored (evaluate.keep_samples keeps them).
 """
@@ -15,8 +15,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from runtime import distributed as dist
+from phases import scoring
+from phases.generation import load_generator
+from phases.npz_generation import generate_npz, sample_labels
 from phases.sample import save_figure
+from runtime import distributed as dist
 from runtime.atomic_file import write_text_atomic
 from runtime.checkpoint import checkpoint_dir, list_checkpoints
 from runtime.config import ConfigError, sampler_settings
@@ -61,23 +64,25 @@ def read_record(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"points": []}
 
 
-def run(cfg: DictConfig, checkpoints: list[tuple[int, Path]] | None = None, extractor=None) -> list[dict]:
-    """Evaluate the checkpoints not yet done (every rank takes part); returns the new points."""
-    from phases import inference
+def run(cfg: DictConfig, checkpoints: list[tuple[int, Path]] | None = None, evaluator=None,
+        settings: dict | None = None) -> list[dict]:
+    """Evaluate the checkpoints not yet done (every rank takes part); returns the new points.
 
+    `evaluator` is the loaded feature network (loaded here, before any sampling, when None); `settings`
+    the sweep's (sweep_settings(cfg) when None)."""
     folder = Path(cfg.experiment_dir) / "eval"
-    settings = sweep_settings(cfg)
+    settings = sweep_settings(cfg) if settings is None else settings
     key = settings_id(settings)
     checkpoints = selected_checkpoints(cfg) if checkpoints is None else checkpoints
     done = {p["step"] for p in read_record(folder)["points"] if p["settings_id"] == key} if dist.is_main() else set()
     todo = dist.broadcast_object([(s, str(p)) for s, p in checkpoints if s not in done])
-    if extractor is None and todo:
-        extractor = inference.evaluation_extractor(cfg)  # the reference and Inception, before any sampling
+    if evaluator is None and todo:
+        evaluator = scoring.load_evaluator(cfg)  # the reference and the feature network, before any sampling
     info(f"FID over checkpoints: {len(todo)} to evaluate ({len(checkpoints) - len(todo)} already done) with "
          f"{settings['num_samples']} samples, {settings['sampler']['sampler']} x {settings['sampler']['steps']} steps")
     points = []
     for step, path in todo:
-        point = evaluate_checkpoint(cfg, step, path, settings, key, folder, extractor)
+        point = evaluate_checkpoint(cfg, step, Path(path), settings, key, folder, evaluator)
         if point is not None:
             points.append(point)
     if dist.is_main() and (points or done):
@@ -86,30 +91,27 @@ def run(cfg: DictConfig, checkpoints: list[tuple[int, Path]] | None = None, extr
     return points
 
 
-def evaluate_checkpoint(cfg, step: int, path: str, settings: dict, key: str, folder: Path, extractor) -> dict | None:
-    """inference + evaluate of one checkpoint; rank 0 records the point (other ranks return None)."""
-    from phases import inference
-
-    stage = cfg.copy()
-    stage.ckpt = path
-    stage.wandb.mode = "disabled"  # points go to the caller's log, not to a run of their own
-    stage.inference.num_samples, stage.inference.evaluate = settings["num_samples"], True
-    stage.inference.sampler, stage.inference.steps = settings["sampler"]["sampler"], settings["sampler"]["steps"]
-    stage.inference.output = str(folder / "sweep" / f"{step:07d}.npz")
-    stage.evaluate.samples, stage.evaluate.output = None, str(folder / "sweep" / f"{step:07d}.json")
-    stage.evaluate.checkpoints = None  # this one checkpoint's samples, not another sweep
-    out = inference.run(stage, feature_extractor=extractor)
+def evaluate_checkpoint(cfg, step: int, path: Path, settings: dict, key: str, folder: Path, evaluator) -> dict | None:
+    """Generate and score one checkpoint's images; rank 0 records the point (other ranks return None)."""
+    sampler = OmegaConf.create(settings["sampler"])
+    generator = load_generator(cfg, path, sampler, settings["use_ema"], dist.device())
+    labels = sample_labels(settings["num_samples"], generator.model_args["num_classes"], settings["seed"],
+                           settings["class_balanced"])
+    out = folder / "sweep" / f"{step:07d}.npz"
+    generate_npz(generator, labels, settings["seed"], out, {**settings, "checkpoint": str(path.resolve())},
+                 cfg.inference.batch_size)
     if not dist.is_main():
         return None
-    results = json.loads(Path(stage.evaluate.output).read_text())
-    point = {"step": step, "settings_id": key, "checkpoint": path,
+    results = scoring.score(cfg, evaluator, out)
+    scoring.write_results(results, out.with_suffix(".json"))
+    point = {"step": step, "settings_id": key, "checkpoint": str(path),
              **{k: results.get(k) for k in ("fid", "sfid", "is", "precision", "recall")}}
     record = read_record(folder)
     record["points"] = [p for p in record["points"] if (p["step"], p["settings_id"]) != (step, key)] + [point]
     record.setdefault("settings", {})[key] = settings
     write_text_atomic(folder / RECORD, json.dumps(record, indent=1) + "\n")
     if not cfg.evaluate.keep_samples:
-        Path(out).unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
     info(f"step {step}: FID {point['fid']:.3f} ({settings['num_samples']} samples)")
     return point
 

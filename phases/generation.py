@@ -17,15 +17,15 @@ from omegaconf import DictConfig
 
 from datasets.autoencoder import load_autoencoder
 from diffusion.noise import per_row_noise
-from methods import describe_sampler, generation_sampler
+from methods import registry, sampling
+from methods.sampling import checkpoint_meta, describe_sampler, generation_sampler
 from models import create_model
 from models.pretrained import extract_state_dict, load_pretrained
-from runtime.checkpoint import load_checkpoint, resolve_checkpoint
+from runtime.checkpoint import load_checkpoint
 from runtime.config import sampler_settings
 from runtime.console import info
 from runtime.precision import autocast
 from runtime.model_spec import check_same_model, model_args_from_config
-
 
 
 @dataclass
@@ -88,8 +88,11 @@ class LoadedModel:
     weights: str = "EMA"  # which weights were loaded: "EMA" or "raw"
 
 
-def load_model(cfg: DictConfig, ckpt_path: Path, use_ema: bool) -> LoadedModel:
-    """Build the model of a checkpoint (ours or a published DiT one) on the CPU, weights loaded strictly."""
+def load_model(cfg: DictConfig, ckpt_path: Path, use_ema: bool, sampler: str | None = None) -> LoadedModel:
+    """Build the model of a checkpoint on the CPU, weights loaded strictly: ours (with its metadata), or another
+    tool's (a published DiT, SiT or REPA file, or one of their train.py checkpoints: the geometry from the
+    config, what it is from methods/sampling.py `checkpoint_meta`, a bare state dict read as the checkpoints of
+    the method that offers `sampler`, diffusion when None)."""
     state = load_checkpoint(ckpt_path)
     if isinstance(state, dict) and "model_args" in state:  # our checkpoint
         margs = dict(state["model_args"])
@@ -104,47 +107,41 @@ def load_model(cfg: DictConfig, ckpt_path: Path, use_ema: bool) -> LoadedModel:
         model = create_model(**margs)
         model.load_state_dict(extract_state_dict(state, prefer_ema=use_ema))
         check_same_model(state["model_args"], margs, str(ckpt_path))
-        meta = {k: v for k, v in state.items() if k not in _WEIGHT_ENTRIES}
+        meta = checkpoint_meta(state, cfg, None).meta
         weights = "EMA" if use_ema and "ema" in state else "raw"
-    else:  # a published DiT checkpoint or one of DiT's/fast-DiT's/SpeeD's train.py: geometry from the config
-        margs = model_args_from_config(cfg)
+    else:
+        owner = registry.sampler_owner(sampler) if sampler else registry.spec(registry.DEFAULT)
+        try:
+            published = checkpoint_meta(state, cfg, owner)
+            weights_found = extract_state_dict(state, prefer_ema=use_ema)
+        except ValueError as err:
+            raise ValueError(f"{ckpt_path}: {err}") from None
+        margs = model_args_from_config(cfg, weights_found)
         model = create_model(**margs)
-        load_pretrained(model, ckpt_path, prefer_ema=use_ema, obj=state)  # the file is read once
-        ae_name, scale, meta = cfg.autoencoder.name, cfg.autoencoder.scale_factor, {}
+        load_pretrained(model, ckpt_path, prefer_ema=use_ema, obj=state, drop_prefixes=published.drop)
+        ae_name, scale, meta = cfg.autoencoder.name, cfg.autoencoder.scale_factor, published.meta
         weights = "EMA" if use_ema else "raw"
+        info(f"{ckpt_path}: read as {published.source}")
     del state
     return LoadedModel(model, margs, ae_name, scale, meta, weights)
-
-
-_WEIGHT_ENTRIES = ("model", "ema", "optimizer", "optimizers", "scaler", "rng")
 
 
 def load_generator(cfg: DictConfig, ckpt_path: Path, settings: DictConfig, use_ema: bool, device: torch.device) -> Generator:
     """Build the model from a checkpoint, the autoencoder, and the sampler of the checkpoint's method."""
     torch.backends.cuda.matmul.allow_tf32 = True  # as DiT's sample_ddp.py (tf32 on by default)
     torch.backends.cudnn.allow_tf32 = True
-    loaded = load_model(cfg, ckpt_path, use_ema)
+    loaded = load_model(cfg, ckpt_path, use_ema, settings.sampler)
     model = loaded.model.to(device).eval()
     net = torch.compile(model) if settings.compile else model
     sample = generation_sampler(cfg, net, loaded.model_args, loaded.meta, settings)
     autoencoder = load_autoencoder(loaded.autoencoder, device, scale_factor=loaded.scale_factor)
     info(
         f"loaded {loaded.model_args['name']} from {ckpt_path} ({loaded.weights} weights); "
-        f"sampler {describe_sampler(loaded.meta, settings)}, {settings.precision}"
+        f"sampler {describe_sampler(loaded.meta, settings, cfg)}, {settings.precision}"
     )
     return Generator(model, autoencoder, sample, loaded.model_args, settings, device)
 
 
 def output_root(cfg: DictConfig, phase: str) -> Path:
-    """Where `phase` (sample, inference; evaluate reads inference's) writes by default: the run folder,
-    or for a distilled student of this run its stage folder, so students never overwrite the teacher's files."""
-    settings = sampler_settings(cfg, phase)
-    if settings.sampler != "distilled":
-        return Path(cfg.experiment_dir)
-    ckpt = resolve_checkpoint(cfg.ckpt, cfg.experiment_dir, settings.sampler, settings.steps).resolve()
-    distill = (Path(cfg.experiment_dir) / "distill").resolve()
-    if ckpt.parent.name == "checkpoints" and ckpt.parent.parent.parent == distill:
-        return Path(cfg.experiment_dir) / "distill" / ckpt.parent.parent.name
-    return Path(cfg.experiment_dir)
-
-
+    """Where `phase` (sample, inference; evaluate reads inference's) writes by default (methods/sampling.py)."""
+    return sampling.output_root(cfg, sampler_settings(cfg, phase))

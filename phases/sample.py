@@ -13,7 +13,7 @@ from torchvision.utils import make_grid
 from phases.generation import load_generator, output_root, to_pil
 from runtime import distributed as dist
 from runtime.atomic_file import atomic_write
-from runtime.checkpoint import resolve_checkpoint
+from methods.sampling import sampled_checkpoint
 from runtime.config import record_config, sampler_settings
 from runtime.console import info
 
@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> Path | None:
         dist.barrier()
         return None
     settings = sampler_settings(cfg, "sample")
-    ckpt = resolve_checkpoint(cfg.ckpt, cfg.experiment_dir, settings.sampler, settings.steps)
+    ckpt = sampled_checkpoint(cfg, settings)
     generator = load_generator(cfg, ckpt, settings, cfg.sample.use_ema, dist.device())
     record_config(cfg, "sample")
     classes = list(cfg.sample.classes)

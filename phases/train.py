@@ -11,15 +11,17 @@ import torch
 from omegaconf import DictConfig
 
 from datasets.latent_cache import LatentDataset, read_cache_info
-from methods import build_method, method_flops_per_image, method_metadata, method_model_args
+from methods import registry
+from methods.sampling import checkpoint_meta
 from models import create_model
 from models.pretrained import load_pretrained
-from phases import fid_sweep, inference
+from phases import fid_sweep
+from phases.scoring import load_evaluator
 from phases.training_grids import TrainingGrids
-from phases.validation import holdout_split, validation_loss
+from phases.validation import holdout_split
 from runtime import distributed as dist
 from runtime import training_loop
-from runtime.checkpoint import checkpoint_path, latest_checkpoint
+from runtime.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from runtime.config import ConfigError, record_config, to_container
 from runtime.console import MetricsLog, info
 from runtime.model_spec import check_cache_matches_config, model_args_from_cache
@@ -28,13 +30,28 @@ from runtime.run_lock import RunLock
 
 def checkpoint_fid(cfg: DictConfig):
     """The periodic hook of train.fid_every: FID of the checkpoint just written (every rank samples)."""
-    extractor = inference.evaluation_extractor(cfg)  # the reference and Inception, before training starts
+    evaluator = load_evaluator(cfg)  # the reference and the feature network, before training starts
+    settings = fid_sweep.sweep_settings(cfg)
 
     def fid(step, model, ema) -> dict:
-        points = fid_sweep.run(cfg, [(step, checkpoint_path(cfg.experiment_dir, step))], extractor)
+        points = fid_sweep.run(cfg, [(step, checkpoint_path(cfg.experiment_dir, step))], evaluator, settings)
         return {"fid": points[0]["fid"]} if points else {}
 
     return fid
+
+
+def initialise(cfg: DictConfig, spec, model) -> None:
+    """model.init_from (fine-tuning; a resumed run loads its own weights instead): ours, a published file, or one
+    of the reference repos' train.py checkpoints, read once; the method says whether it can start from it."""
+    exp = Path(cfg.experiment_dir)
+    if not cfg.model.init_from or latest_checkpoint(exp) is not None:
+        return
+    obj = load_checkpoint(cfg.model.init_from)
+    published = checkpoint_meta(obj, cfg, spec)
+    spec.check_init(published.meta, cfg)
+    used = load_pretrained(model, cfg.model.init_from, prefer_ema=True, obj=obj, mode=cfg.model.init_mode,
+                           drop_prefixes=published.drop)
+    info(f"initialised from {cfg.model.init_from} ({used})")
 
 
 def run(cfg: DictConfig) -> Path | None:
@@ -44,23 +61,22 @@ def run(cfg: DictConfig) -> Path | None:
     exp = Path(cfg.experiment_dir)
 
     # Guard rails: nothing long starts before the inputs are known to fit together.
+    spec = registry.training_spec(cfg)  # model.method, its config section checked now
     cache = read_cache_info(cfg.data.cache_path)
     check_cache_matches_config(cfg, cache)
-    margs = method_model_args(cfg, model_args_from_cache(cfg, cache))
+    margs = spec.model_args(cfg, model_args_from_cache(cfg, cache))
     train_items, _ = holdout_split(cache["num_items"], cfg.data.holdout)
     settings = training_loop.LoopSettings.from_config(cfg.train, seed=cfg.seed, num_workers=cfg.data.num_workers,
-                                                      flops_per_image=method_flops_per_image(cfg, margs))
+                                                      flops_per_image=spec.flops_per_image(cfg, margs))
     settings.check(dist.world_size())
-    if cfg.train.eval_every and cfg.data.holdout and cfg.model.method != "diffusion":
-        raise ConfigError(f"train.eval_every: the validation loss is the diffusion eps-loss, which "
-                          f"model.method={cfg.model.method} does not train; set train.eval_every=0")
+    if cfg.train.eval_every and cfg.data.holdout and spec.validation_loss is None:
+        raise ConfigError(f"train.eval_every: model.method={cfg.model.method} has no validation loss; set "
+                          "train.eval_every=0")
 
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
     model = create_model(**margs, grad_checkpointing=cfg.model.grad_checkpointing)
-    if cfg.model.init_from and latest_checkpoint(exp) is None:  # a resumed run loads its own weights
-        used = load_pretrained(model, cfg.model.init_from, prefer_ema=True, mode=cfg.model.init_mode)
-        info(f"initialised from {cfg.model.init_from} ({used})")
-    method = build_method(cfg, model.to(device), device)
+    initialise(cfg, spec, model)
+    method = spec.build(cfg, model.to(device), device)
     dataset = LatentDataset.from_config(cfg.data)
     info(
         f"training {margs['name']} ({sum(p.numel() for p in model.parameters()):,} parameters, method "
@@ -70,15 +86,16 @@ def run(cfg: DictConfig) -> Path | None:
     )
 
     def validate(step, model, ema) -> dict:
-        """Validation loss on the held-out items, raw and EMA weights."""
-        metrics = validation_loss(cfg, model.eval(), method.diffusion, dataset, cache["num_items"], device)
+        """The method's validation loss on the held-out items, raw and EMA weights."""
+        metrics = spec.validation_loss(cfg, method, model.eval(), dataset, cache["num_items"], device)
         if ema is not None:
-            ema_metrics = validation_loss(cfg, ema, method.diffusion, dataset, cache["num_items"], device)
+            ema_metrics = spec.validation_loss(cfg, method, ema, dataset, cache["num_items"], device)
             metrics.update({key.replace("val_", "val_ema_"): value for key, value in ema_metrics.items()})
         return metrics
 
     metadata = {
-        **method_metadata(cfg),
+        "method": spec.name,
+        **spec.metadata(cfg),
         "model_args": margs,
         "autoencoder": {"name": cache["autoencoder"], "scale_factor": float(cache["scale_factor"])},
         "image_size": int(cache["image_size"]),

@@ -12,13 +12,14 @@ import math
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from datasets.autoencoder import load_autoencoder
-from methods import generation_sampler
+from methods.sampling import generation_sampler
 from phases.generation import Generator
 from phases.sample import grid_image, save_png
 from runtime import distributed as dist
+from runtime.config import sampler_settings
 from runtime.console import MetricsLog
 
 
@@ -27,10 +28,9 @@ class TrainingGrids:
 
     def __init__(self, cfg: DictConfig, model_args: dict, metadata: dict, scale_factor: float, log: MetricsLog):
         tc = cfg.train
-        self.settings = OmegaConf.create({
-            "sampler": tc.sample_sampler, "steps": tc.sample_steps, "cfg_scale": cfg.sample.cfg_scale, "eta": 0.0,
-            "cfg_all_channels": cfg.sample.cfg_all_channels, "precision": tc.precision, "compile": False,
-        })
+        self.settings = sampler_settings(cfg, "sample")  # the cfg scale, channels, interval and shift of `sample`
+        self.settings.update({"sampler": tc.sample_sampler, "steps": tc.sample_steps, "eta": 0.0,
+                              "precision": tc.precision, "compile": False})
         # A sampler setting that cannot work fails now, not at step 10,000 (building samples nothing).
         generation_sampler(cfg, None, model_args, metadata, self.settings)
         classes = list(cfg.sample.classes)

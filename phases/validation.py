@@ -44,7 +44,7 @@ def validation_loss(cfg: DictConfig, model, diffusion, dataset: LatentDataset, n
     generator = torch.Generator().manual_seed(mix_seed(cfg.seed, 11))
     for start in range(0, len(keys), batch_size):
         chunk = keys[start : start + batch_size]
-        x, y = _stack([dataset[k] for k in chunk])
+        x, y = stacked([dataset[k] for k in chunk])
         noise = torch.randn(x.shape, generator=generator)
         t = steps[start : start + len(chunk)]
         terms = diffusion.training_losses(
@@ -62,6 +62,7 @@ def validation_loss(cfg: DictConfig, model, diffusion, dataset: LatentDataset, n
     return {"val_mse": mse, "val_vb": vb, "val_loss": mse + vb, **per_bucket}
 
 
-def _stack(pairs):
+def stacked(pairs):
+    """(latents [B, ...], labels [B]) from dataset items."""
     latents, labels = zip(*pairs)
     return torch.stack(latents), torch.stack([torch.as_tensor(label) for label in labels])

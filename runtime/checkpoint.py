@@ -120,61 +120,17 @@ def load_latest_loadable(experiment_dir: str | Path) -> tuple[Path | None, dict 
     return None, None
 
 
-def stage_dir(experiment_dir: str | Path, steps: int) -> Path:
-    """The folder of the distillation stage whose student samples in `steps` steps."""
-    return Path(experiment_dir) / "distill" / f"{steps:04d}_steps"
-
-
-def distilled_students(experiment_dir: str | Path) -> dict[int, tuple[Path, bool]]:
-    """steps -> (latest checkpoint of that stage, whether the stage finished) for every stage with a checkpoint."""
-    found = {}
-    root = Path(experiment_dir) / "distill"
-    for folder in sorted(root.glob("*_steps")) if root.is_dir() else []:
-        match = re.match(r"^(\d+)_steps$", folder.name)
-        latest = latest_checkpoint(folder) if match else None
-        if latest is not None:
-            found[int(match.group(1))] = (latest, (folder / STAGE_FINISHED).is_file())
-    return found
-
-
-STAGE_FINISHED = "stage.json"  # written when a stage has been trained and measured
-
-
-def resolve_checkpoint(ckpt: str | None, experiment_dir: str | Path, sampler: str | None = None, steps: int = 0) -> Path:
-    """`ckpt` if given, else the latest in the run folder; never silently nothing.
-
-    With sampler "distilled": the student of the `steps`-step stage, or (steps 0) of the last
-    finished stage.
-    """
+def resolve_checkpoint(ckpt: str | None, experiment_dir: str | Path) -> Path:
+    """`ckpt` if given, else the latest in the run folder; never silently nothing. (Samplers whose
+    checkpoints live elsewhere, e.g. distilled students, are located by their method: methods/sampling.py.)"""
     if ckpt:
         path = Path(ckpt)
         if not path.is_file():
             raise FileNotFoundError(f"ckpt={ckpt}: no such checkpoint file")
         return path
-    if sampler == "distilled":
-        return _student_checkpoint(experiment_dir, steps)
     latest = latest_checkpoint(experiment_dir)
     if latest is None:
         raise FileNotFoundError(
             f"no checkpoint in {checkpoint_dir(experiment_dir)}: train first (-p train) or pass ckpt=PATH"
         )
     return latest
-
-
-def _student_checkpoint(experiment_dir: str | Path, steps: int) -> Path:
-    students = distilled_students(experiment_dir)
-    if steps:
-        if steps not in students:
-            have = ", ".join(str(n) for n in sorted(students, reverse=True)) or "none"
-            raise FileNotFoundError(
-                f"no {steps}-step student in {Path(experiment_dir) / 'distill'} (students with a checkpoint: {have}); "
-                "run -p distill, or pass ckpt=PATH"
-            )
-        return students[steps][0]
-    finished = [n for n, (_, done) in students.items() if done]
-    if not finished:
-        raise FileNotFoundError(
-            f"no finished distillation stage in {Path(experiment_dir) / 'distill'}: run -p distill first, "
-            "choose a stage with steps=N, or pass ckpt=PATH"
-        )
-    return students[min(finished)][0]

@@ -52,8 +52,28 @@ def model_args(cfg: DictConfig, input_size: int, in_channels: int) -> dict:
     }
 
 
-def model_args_from_config(cfg: DictConfig) -> dict:
-    """For published checkpoints with no metadata: the geometry implied by the config."""
+def model_args_from_config(cfg: DictConfig, weights: dict | None = None) -> dict:
+    """For published checkpoints with no metadata: the geometry implied by the config (the cache's when it
+    exists). With the checkpoint's `weights`, model.learn_sigma is read off its output layer: SiT's release
+    has the variance channels, REPA's checkpoints do not."""
+    margs = _geometry_from_config(cfg)
+    learn_sigma = learned_sigma_of(weights, margs["in_channels"]) if weights is not None else None
+    if learn_sigma is not None:
+        margs["learn_sigma"] = learn_sigma
+    return margs
+
+
+def learned_sigma_of(weights: dict, channels: int) -> bool | None:
+    """True/False when a DiT state dict's output layer has 2C or C channels per pixel, else None (let the strict
+    load name the mismatch)."""
+    proj, final = weights.get("x_embedder.proj.weight"), weights.get("final_layer.linear.weight")
+    if proj is None or final is None or proj.ndim != 4:
+        return None
+    per_pixel = final.shape[0] // (proj.shape[2] * proj.shape[3])
+    return {2 * channels: True, channels: False}.get(per_pixel)
+
+
+def _geometry_from_config(cfg: DictConfig) -> dict:
     cache = Path(cfg.data.cache_path)
     if cache.is_file():
         from datasets.latent_cache import read_cache_info

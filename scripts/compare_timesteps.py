@@ -50,7 +50,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from diffusion.timesteps import build_timestep_strategy  # noqa: E402
 from runtime.checkpoint import latest_checkpoint  # noqa: E402
-from runtime.config import TimestepsConfig, load_config, save_config, to_container  # noqa: E402
+from methods.registry import TimestepsConfig  # noqa: E402
+from runtime.config import load_config, save_config, to_container  # noqa: E402
 
 TIMESTEPS = "diffusion.timesteps"
 TIMESTEPS_FIELDS = frozenset(f.name for f in fields(TimestepsConfig))  # short names in --strategy

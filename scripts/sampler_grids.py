@@ -29,7 +29,7 @@ from phases.distill_report import side_by_side  # noqa: E402
 from phases.generation import load_generator  # noqa: E402
 from phases.sample import grid_image, save_png  # noqa: E402
 from runtime import distributed as dist  # noqa: E402
-from runtime.checkpoint import resolve_checkpoint  # noqa: E402
+from methods.sampling import sampled_checkpoint  # noqa: E402
 from runtime.config import load_config, sampler_settings  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def panel(config: str, sampler: str, steps: int, overrides: list[str]) -> tuple[
     """(title, grid, seconds, images) of one sampler on one run."""
     cfg = load_config(config, [*overrides, f"sample.sampler={sampler}", f"sample.steps={steps}"])
     settings = sampler_settings(cfg, "sample")
-    ckpt = resolve_checkpoint(cfg.ckpt, cfg.experiment_dir, settings.sampler, settings.steps)
+    ckpt = sampled_checkpoint(cfg, settings)
     generator = load_generator(cfg, ckpt, settings, cfg.sample.use_ema, dist.device())
     labels = torch.tensor([c for c in cfg.sample.classes for _ in range(cfg.sample.per_class)])
     seeds = [cfg.seed + i for i in range(len(labels))]

@@ -13,6 +13,8 @@ from datasets.latent_cache import read_cache_info
 from runtime.config import load_config
 from runtime.model_spec import check_cache_matches_config
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "digits.yaml"
 IMAGENET = ROOT / "configs" / "imagenet_256" / "dit_s2.yaml"  # 4x32x32 latents, like DiT-XL/2's
@@ -27,13 +29,9 @@ def load_script(name):
 
 
 @pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
+def demo_cache(digits_cache):
     """The demo's real 1x16x16 cache (make_synthetic_cache only writes 4x32x32 latents)."""
-    from phases import extract
-
-    path = tmp_path_factory.mktemp("cache") / "digits16.h5"
-    extract.run(load_config(DEMO, [f"data.cache_path={path}"]))
-    return path
+    return digits_cache
 
 
 def run_script(name, args, tmp_path):

@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 
 from diffusion.cld import CLD
 from methods import cld as cld_method
+from methods import sampling
 from models import create_model
 from runtime.config import Config
 
@@ -76,4 +77,5 @@ def test_guidance_acts_on_the_network_output_with_dits_convention():
 def test_guidance_without_a_null_class_is_an_error():
     settings = OmegaConf.create({"sampler": "sscs", "steps": 10, "cfg_scale": 1.5, "eta": 0.0, "cfg_all_channels": False})
     with pytest.raises(ValueError, match="no null class"):
-        cld_method.generation_sampler(None, None, {**MARGS, "class_dropout_prob": 0.0}, {"cld": {}}, settings)
+        sampling.generation_sampler(OmegaConf.structured(Config), None, {**MARGS, "class_dropout_prob": 0.0},
+                                    {"method": "cld", "cld": {}}, settings)

@@ -11,6 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "compare_timesteps.py"
 CONFIG = ROOT / "configs" / "demo" / "digits.yaml"

@@ -119,8 +119,12 @@ def test_messages_say_whether_the_key_or_the_value_is_wrong(tmp_path):
     ("train.lr=0.0", "train.lr=0.0: the learning rate must be a finite number > 0"),
     ("train.lr=-1e-4", "the learning rate must be a finite number > 0"),
     ("train.lr=nan", "the learning rate must be a finite number > 0"),
-    ("distill.lr=inf", "distill.lr=inf: the learning rate must be a finite number > 0"),
     ("model.class_dropout_prob=1.5", "model.class_dropout_prob=1.5: it must be in [0, 1]"),
+    ("sample.cfg_interval=[0.6,0.2]", "sample.cfg_interval=[0.6, 0.2]: it must be [lo, hi] with 0 <= lo <= hi <= 1"),
+    ("inference.cfg_interval=[0.0,1.5]", "inference.cfg_interval=[0.0, 1.5]: it must be [lo, hi]"),
+    ("sample.cfg_interval=[0.5]", "sample.cfg_interval=[0.5]: it must be [lo, hi]"),
+    ("sample.time_shift=0", "sample.time_shift=0.0: the time shift must be a finite number > 0"),
+    ("inference.time_shift=-3", "inference.time_shift=-3.0: the time shift must be a finite number > 0"),
 ])
 def test_values_out_of_range_are_config_errors(tmp_path, override, message):
     exp = write(tmp_path / "configs/exp.yaml", "seed: 1\n")

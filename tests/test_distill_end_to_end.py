@@ -16,12 +16,15 @@ import torch
 
 from launch import env, kill_tree
 from stand_ins import StandInFeatures
-from phases import distill, inference, sample
+from phases import distill, inference, sample, scoring
 from phases.distill_report import read_stages
 from phases.generation import load_generator
-from runtime.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
+from methods.distill import locate
+from runtime.checkpoint import latest_checkpoint, load_checkpoint
 from runtime.config import ConfigError, load_config, sampler_settings
 from runtime.preemption import Preempted
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/demo/digits_distill.yaml")
@@ -40,14 +43,13 @@ def torchrun(*args):
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
+def teacher(digits_cache, tmp_path_factory):
     """A demo teacher trained for a few steps (its quality does not matter here) and its cache."""
     base = tmp_path_factory.mktemp("distill")
-    common = [f"experiment_dir={base / 'teacher'}", f"data.cache_path={base / 'digits.h5'}"]
-    main_py("-p", "extract", *common)
+    common = [f"experiment_dir={base / 'teacher'}", f"data.cache_path={digits_cache}"]
     main_py("-p", "train", *common, "train.max_steps=20", "train.batch_size=32", "train.progress=false",
             "train.ckpt_every=20")
-    return {"cache": base / "digits.h5", "ckpt": latest_checkpoint(base / "teacher")}
+    return {"cache": digits_cache, "ckpt": latest_checkpoint(base / "teacher")}
 
 
 def overrides(teacher, run_dir, *extra):
@@ -140,13 +142,13 @@ def test_students_refuse_settings_they_cannot_honour(distilled, teacher):
     run = distilled["full"]
     student = run / "distill" / "0004_steps" / "checkpoints" / f"{ITERS:07d}.pt"
     common = [f"experiment_dir={run}", f"data.cache_path={teacher['cache']}", f"ckpt={student}", *DISTILL]
-    cases = [("sample.sampler=ddim", "samples only with sample.sampler=distilled"),
+    cases = [("sample.sampler=ddim", "distilled student .*it samples with distilled"),
              ("sample.steps=8", "steps=8 cannot be honoured"),
              ("sample.cfg_scale=3.0", "cannot sample at cfg_scale=3.0")]
     for override, message in cases:
         with pytest.raises(ValueError, match=message):
             sample.run(load_config(CONFIG, [*common, override]))
-    with pytest.raises(ValueError, match="needs a distilled student"):
+    with pytest.raises(ValueError, match="'distilled' is a sampler of a distilled student"):
         sample.run(load_config(CONFIG, [f"experiment_dir={run}", f"ckpt={teacher['ckpt']}", *DISTILL]))
     with pytest.raises(FileNotFoundError, match="no 16-step student"):
         sample.run(load_config(CONFIG, [f"experiment_dir={run}", *DISTILL, "sample.steps=16"]))
@@ -189,7 +191,7 @@ def test_a_published_teacher_and_a_scale_conditioned_student(teacher, tmp_path):
     latents = {}
     for scale in (1.0, 3.0):
         cfg = load_config(CONFIG, [*common, f"sample.cfg_scale={scale}"])
-        generator = load_generator(cfg, resolve_checkpoint(None, cfg.experiment_dir, "distilled", 0),
+        generator = load_generator(cfg, locate(cfg.experiment_dir, 0),
                                    sampler_settings(cfg, "sample"), True, torch.device("cpu"))
         latents[scale] = generator.latents(torch.tensor([0, 3]), [0, 1])
     assert not torch.allclose(latents[1.0], latents[3.0]), "the scale must reach the student"
@@ -200,7 +202,7 @@ def test_a_published_teacher_and_a_scale_conditioned_student(teacher, tmp_path):
 def test_fid_of_every_student(teacher, tmp_path, monkeypatch):
     reference = np.random.default_rng(0).integers(0, 255, size=(20, 16, 16, 1), dtype=np.uint8)
     np.savez(tmp_path / "reference.npz", reference)
-    monkeypatch.setattr(inference, "evaluation_extractor", lambda cfg: StandInFeatures())
+    monkeypatch.setattr(scoring, "feature_network", lambda cfg, device: StandInFeatures())
     run_dir = tmp_path / "run"
     common = [*overrides(teacher, run_dir), "distill.start_steps=4", "distill.end_steps=1", "distill.iters_per_stage=2",
               "distill.fid_samples=6", f"evaluate.reference={tmp_path / 'reference.npz'}", "inference.batch_size=4"]

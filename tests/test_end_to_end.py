@@ -13,6 +13,8 @@ from PIL import Image
 from launch import env, kill_tree
 from runtime.checkpoint import latest_checkpoint, load_checkpoint
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/demo/digits.yaml")
 STEPS = 24
@@ -28,16 +30,8 @@ def torchrun(*args):
     return launch.torchrun(CONFIG, *args)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache") / "digits16.h5"
-    main_py("-p", "extract", f"data.cache_path={path}")
-    assert path.is_file()
-    return path
-
-
-def test_killed_torchrun_training_resumes_to_the_same_result(cache, tmp_path):
-    common = [f"data.cache_path={cache}", *TRAIN]
+def test_killed_torchrun_training_resumes_to_the_same_result(digits_cache, tmp_path):
+    common = [f"data.cache_path={digits_cache}", *TRAIN]
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     full = subprocess.run(torchrun("-p", "train", f"experiment_dir={full_dir}", *common), cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=600)
@@ -73,11 +67,11 @@ def test_killed_torchrun_training_resumes_to_the_same_result(cache, tmp_path):
     assert '"val_mse"' in (full_dir / "logs/train.jsonl").read_text()
 
 
-def test_train_then_sample_grid(cache, tmp_path):
+def test_train_then_sample_grid(digits_cache, tmp_path):
     exp = tmp_path / "run"
-    trained = main_py("-p", "train", f"experiment_dir={exp}", f"data.cache_path={cache}", *TRAIN, "train.max_steps=4")
+    trained = main_py("-p", "train", f"experiment_dir={exp}", f"data.cache_path={digits_cache}", *TRAIN, "train.max_steps=4")
     assert f"saved checkpoint {exp / 'checkpoints' / '0000004.pt'}" in trained.stdout
-    proc = main_py("-p", "sample", f"experiment_dir={exp}", f"data.cache_path={cache}",
+    proc = main_py("-p", "sample", f"experiment_dir={exp}", f"data.cache_path={digits_cache}",
                    "sample.steps=5", "sample.classes=[1,7]", "sample.per_class=3")
     assert {p.name for p in exp.glob("config.*.yaml")} == {"config.train.yaml", "config.sample.yaml"}
     grid = Image.open(exp / "samples" / "grid.png")
@@ -95,29 +89,29 @@ def test_sample_without_checkpoint_is_an_error(tmp_path):
     assert not (tmp_path / "samples").exists()
 
 
-def test_resume_with_another_model_is_an_error(cache, tmp_path):
+def test_resume_with_another_model_is_an_error(digits_cache, tmp_path):
     exp = tmp_path / "run"
-    main_py("-p", "train", f"experiment_dir={exp}", f"data.cache_path={cache}", *TRAIN, "train.max_steps=4")
+    main_py("-p", "train", f"experiment_dir={exp}", f"data.cache_path={digits_cache}", *TRAIN, "train.max_steps=4")
     proc = subprocess.run([sys.executable, "main.py", "-c", CONFIG, "-p", "train", f"experiment_dir={exp}",
-                           f"data.cache_path={cache}", *TRAIN, "model.name=DiT-T/2"],
+                           f"data.cache_path={digits_cache}", *TRAIN, "model.name=DiT-T/2"],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "different model" in proc.stderr
 
 
-def test_cache_for_another_image_size_is_an_error(cache, tmp_path):
+def test_cache_for_another_image_size_is_an_error(digits_cache, tmp_path):
     proc = subprocess.run([sys.executable, "main.py", "-c", CONFIG, "-p", "train", f"experiment_dir={tmp_path}",
-                           f"data.cache_path={cache}", "data.image_size=32"],
+                           f"data.cache_path={digits_cache}", "data.image_size=32"],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "image size 16" in proc.stderr
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path):
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(digits_cache, tmp_path):
     exp = tmp_path / "run"
-    main_py("-p", "train", f"experiment_dir={exp}", f"data.cache_path={cache}", *TRAIN, "train.max_steps=4")
+    main_py("-p", "train", f"experiment_dir={exp}", f"data.cache_path={digits_cache}", *TRAIN, "train.max_steps=4")
     good = exp / "checkpoints" / "0000004.pt"
     before = good.read_bytes()
     proc = subprocess.run([sys.executable, "main.py", "-c", CONFIG, "-p", "train", f"experiment_dir={exp}",
-                           f"data.cache_path={cache}", *TRAIN, "train.max_steps=12", "train.lr=1e30",
+                           f"data.cache_path={digits_cache}", *TRAIN, "train.max_steps=12", "train.lr=1e30",
                            "train.warmup_steps=0", "train.max_grad_norm=0"],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "non-finite loss" in proc.stderr

@@ -12,7 +12,7 @@ from metrics.features import FeatureExtractor, Features
 from metrics.frechet import feature_statistics, frechet_distance
 from metrics.inception_score import class_probabilities, inception_score
 from metrics.precision_recall import precision_recall
-from phases import evaluate
+from phases import evaluate, scoring
 from runtime import distributed as dist
 from runtime.config import Config
 
@@ -87,9 +87,9 @@ def test_reference_statistics_are_cached_between_runs(setup):
     first = TinyConvNet()
     evaluate.run(cfg, feature_extractor=first)
     assert first.images_seen == 70
-    assert len(list((evaluate.reference_cache_dir(cfg)).glob("reference-*.npz"))) == 1
+    assert len(list((scoring.reference_cache_dir(cfg)).glob("reference-*.npz"))) == 1
     second = TinyConvNet()
-    cfg.evaluate.output = str(evaluate.reference_cache_dir(cfg).parent / "again.json")
+    cfg.evaluate.output = str(scoring.reference_cache_dir(cfg).parent / "again.json")
     results = evaluate.run(cfg, feature_extractor=second)
     assert second.images_seen == 40  # only the samples
     assert results["precision"] is not None
@@ -102,7 +102,7 @@ def test_default_paths(tmp_path):
     cfg.inference.output = str(tmp_path / "elsewhere" / "gen.npz")
     samples = evaluate.samples_path(cfg)
     assert samples == tmp_path / "elsewhere" / "gen.npz"
-    assert evaluate.output_path(cfg, samples) == tmp_path / "eval" / "gen.json"
+    assert scoring.results_path(cfg, samples) == tmp_path / "eval" / "gen.json"
 
 
 def test_reference_with_statistics_only_has_no_precision_recall(setup, tmp_path, capsys):

@@ -22,6 +22,8 @@ from datasets.latent_cache import parts_folder, read_cache_info
 from phases import extract
 from runtime.config import load_config
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
 

@@ -8,20 +8,21 @@ import pytest
 
 import phases.generation
 from stand_ins import StandInFeatures
-from phases import evaluate, extract, inference, train
+from phases import evaluate, scoring, train
 from runtime.config import ConfigError, load_config
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/demo/digits.yaml"
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch):
-    cache = tmp_path / "digits.h5"
-    extract.run(load_config(CONFIG, [f"data.cache_path={cache}"]))
+def setup(digits_cache, tmp_path, monkeypatch):
+    cache = digits_cache
     reference = np.random.default_rng(0).integers(0, 255, size=(20, 16, 16, 1), dtype=np.uint8)
     np.savez(tmp_path / "reference.npz", reference)
-    monkeypatch.setattr(inference, "evaluation_extractor", lambda cfg: StandInFeatures())
+    monkeypatch.setattr(scoring, "feature_network", lambda cfg, device: StandInFeatures())
     common = [f"data.cache_path={cache}", f"experiment_dir={tmp_path / 'run'}", "train.batch_size=8",
               "train.progress=false", "train.ckpt_every=2", "train.log_every=2", "train.keep_last=0",
               f"evaluate.reference={tmp_path / 'reference.npz'}", "evaluate.num_samples=6", "evaluate.sampler=ddim",

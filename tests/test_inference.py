@@ -10,21 +10,24 @@ import torch
 
 import phases.generation
 from phases import inference
+from phases.npz_generation import sample_labels
 from runtime.config import load_config
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/demo/digits.yaml"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny trained demo run (extract + 3 training steps) to sample from."""
+def run_dir(digits_cache, tmp_path_factory):
+    """A tiny trained demo run (3 training steps) to sample from."""
     base = tmp_path_factory.mktemp("inference")
-    common = [f"experiment_dir={base / 'run'}", f"data.cache_path={base / 'digits.h5'}"]
-    for phase, extra in (("extract", []), ("train", ["train.max_steps=3", "train.batch_size=8", "train.progress=false"])):
-        proc = subprocess.run([sys.executable, "main.py", "-c", str(CONFIG), "-p", phase, *common, *extra],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
+    (base / "digits.h5").symlink_to(digits_cache)
+    proc = subprocess.run([sys.executable, "main.py", "-c", str(CONFIG), "-p", "train", f"experiment_dir={base / 'run'}",
+                           f"data.cache_path={base / 'digits.h5'}", "train.max_steps=3", "train.batch_size=8",
+                           "train.progress=false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     return base
 
 
@@ -100,10 +103,10 @@ def test_parts_from_other_settings_are_not_mixed(run_dir, tmp_path, monkeypatch)
 
 
 def test_labels_are_seeded_and_class_balanced_on_request():
-    a = inference.sample_labels(1000, 10, seed=3, class_balanced=False)
-    assert torch.equal(a, inference.sample_labels(1000, 10, seed=3, class_balanced=False))
-    assert not torch.equal(a, inference.sample_labels(1000, 10, seed=4, class_balanced=False))
-    balanced = inference.sample_labels(1000, 10, seed=3, class_balanced=True)
+    a = sample_labels(1000, 10, seed=3, class_balanced=False)
+    assert torch.equal(a, sample_labels(1000, 10, seed=3, class_balanced=False))
+    assert not torch.equal(a, sample_labels(1000, 10, seed=4, class_balanced=False))
+    balanced = sample_labels(1000, 10, seed=3, class_balanced=True)
     assert torch.bincount(balanced).tolist() == [100] * 10
 
 
@@ -111,12 +114,12 @@ def test_inference_then_evaluate(run_dir, tmp_path, monkeypatch, capsys):
     """inference.evaluate=true: the feature network is loaded before sampling and the metrics JSON is printed last."""
     import json
 
-    from phases import evaluate
+    from phases import scoring
     from test_evaluate import TinyConvNet
 
     reference = inference.run(config(run_dir, tmp_path / "reference.npz", "seed=100"))
     net = TinyConvNet()
-    monkeypatch.setattr(evaluate, "build_inception", lambda weights, device: net)
+    monkeypatch.setattr(scoring, "feature_network", lambda cfg, device: net)
     capsys.readouterr()
     inference.run(config(run_dir, tmp_path / "s.npz", "inference.evaluate=true", f"evaluate.reference={reference}",
                          f"evaluate.output={tmp_path / 'metrics.json'}"))

@@ -1,4 +1,4 @@
-"""The training methods beyond IDDPM (model.method=ddgan, cld) end to end on the digits demo: training
+"""The training methods beyond IDDPM (model.method=ddgan, cld, flow) end to end on the digits demo: training
 under torchrun (2 CPU processes) stopped at a checkpoint and continued equals an uninterrupted run,
 and sample / inference recognise the method's checkpoints."""
 import subprocess
@@ -12,9 +12,12 @@ from PIL import Image
 
 import launch
 from launch import env
+from methods import registry
 from phases import inference, sample
 from runtime.checkpoint import load_checkpoint
 from runtime.config import load_config
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -24,22 +27,16 @@ METHODS = {  # config, its test settings, the modules its checkpoints hold
     "ddgan": (ROOT / "configs/demo/digits_ddgan.yaml", ["ddgan.lazy_reg=2", "ddgan.discriminator=D-T/8"],
               ("model", "discriminator")),
     "cld": (ROOT / "configs/demo/digits_cld.yaml", ["train.sample_steps=3", "sample.steps=4"], ("model",)),
+    "flow": (ROOT / "configs/demo/digits_flow.yaml", ["train.sample_steps=3", "sample.steps=4"], ("model",)),
 }
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache") / "digits16.h5"
-    launch.main_py(METHODS["ddgan"][0], "-p", "extract", f"data.cache_path={path}")
-    return path
-
-
 @pytest.fixture(scope="module", params=list(METHODS))
-def trained(request, cache, tmp_path_factory):
+def trained(request, digits_cache, tmp_path_factory):
     """One run of STEPS steps, and one stopped at step STEPS/2 then continued, both under torchrun."""
     config, settings, modules = METHODS[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    common = [f"data.cache_path={cache}", *TRAIN, *settings]
+    common = [f"data.cache_path={digits_cache}", *TRAIN, *settings]
 
     def torchrun(exp, steps):
         proc = subprocess.run(launch.torchrun(config, "-p", "train", f"experiment_dir={exp}", f"train.max_steps={steps}",
@@ -86,12 +83,15 @@ def test_sample_and_inference_from_a_checkpoint_of_the_method(trained):
 
 
 REFUSALS = {
-    "ddgan": [("sample.sampler=ddpm", "samples only with sampler=ddgan"),
+    "ddgan": [("sample.sampler=ddpm", "denoising diffusion GAN: it samples with ddgan"),
               ("sample.steps=8", "steps=8 cannot be honoured"),
-              ("sample.cfg_scale=2.0", "classifier-free guidance is not part of DDGAN")],
+              ("sample.cfg_scale=2.0", "classifier-free guidance is not part of a denoising diffusion GAN")],
     "cld": [("sample.sampler=ddim", "critically-damped Langevin diffusion: it samples with sscs"),
             ("sample.steps=1", "sscs needs steps >= 2"),
             ("sample.eta=0.5", "cannot honour eta=0.5")],
+    "flow": [("sample.sampler=ddpm", "flow-matching model .*: it samples with ode, sde"),
+             ("sample.sampler=sscs", "'sscs' is a sampler of a critically-damped Langevin diffusion"),
+             ("sample.eta=0.5", "cannot honour eta=0.5")],
 }
 
 
@@ -117,14 +117,16 @@ def test_sampler_grids_script_puts_samplers_side_by_side(trained):
     assert grid.width >= 2 * (3 * 16 + 4 * 2) and grid.height > 2 * 16 + 3 * 2
 
 
-def test_the_validation_loss_is_refused_for_methods_it_does_not_measure(cache, tmp_path):
+def test_the_validation_loss_is_refused_for_methods_it_does_not_measure(digits_cache, tmp_path):
     from phases import train
     from runtime.config import ConfigError
 
     for name, (config, settings, _) in METHODS.items():
-        cfg = load_config(config, [f"experiment_dir={tmp_path / name}", f"data.cache_path={cache}", *settings,
+        if registry.spec(name).validation_loss is not None:
+            continue  # it has one (test_flow_end_to_end.py)
+        cfg = load_config(config, [f"experiment_dir={tmp_path / name}", f"data.cache_path={digits_cache}", *settings,
                                    "data.holdout=16", "train.eval_every=2"])
-        with pytest.raises(ConfigError, match="train.eval_every: the validation loss is the diffusion eps-loss"):
+        with pytest.raises(ConfigError, match=f"train.eval_every: model.method={name} has no validation loss"):
             train.run(cfg)
         assert not (tmp_path / name / "checkpoints").exists()
 
@@ -135,6 +137,6 @@ def test_progressive_distillation_refuses_a_teacher_of_another_method(trained, t
     teacher = trained["root"] / "full" / "checkpoints" / f"{STEPS:07d}.pt"
     cfg = load_config(ROOT / "configs/demo/digits_distill.yaml", [f"experiment_dir={tmp_path}", trained["common"][0],
                                                                   f"distill.teacher={teacher}"])
-    with pytest.raises(ValueError, match=f"trained with model.method={trained['name']}: progressive distillation"):
+    with pytest.raises(ValueError, match="progressive distillation starts from a diffusion model"):
         distill.run(cfg)
     assert not (tmp_path / "distill").exists()

@@ -23,6 +23,8 @@ from runtime.config import load_config
 from runtime.preemption import Preempted
 from runtime.run_lock import RunLock, RunLockedError, check_shared_folder
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/demo/digits.yaml"
 STEPS = 80
@@ -30,20 +32,13 @@ TRAIN = ["train.batch_size=16", "train.ckpt_every=1000", "train.log_every=2", "t
          f"train.max_steps={STEPS}", "train.keep_last=0"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("preempt") / "digits.h5"
-    launch.main_py(CONFIG, "-p", "extract", f"data.cache_path={path}")
-    return path
-
-
 def logged_steps(exp):
     path = Path(exp) / "logs" / "train.jsonl"
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def test_sigterm_under_torchrun_checkpoints_the_step_and_the_rerun_matches(cache, tmp_path):
-    common = [f"data.cache_path={cache}", *TRAIN]
+def test_sigterm_under_torchrun_checkpoints_the_step_and_the_rerun_matches(digits_cache, tmp_path):
+    common = [f"data.cache_path={digits_cache}", *TRAIN]
     full = subprocess.run(launch.torchrun(CONFIG, "-p", "train", f"experiment_dir={tmp_path / 'full'}", *common),
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stderr
@@ -75,10 +70,10 @@ def test_sigterm_under_torchrun_checkpoints_the_step_and_the_rerun_matches(cache
     assert [s for s, _ in list_checkpoints(exp / "checkpoints")] == [STEPS]
 
 
-def test_a_second_run_on_a_busy_folder_fails_at_once_naming_the_holder(cache, tmp_path):
+def test_a_second_run_on_a_busy_folder_fails_at_once_naming_the_holder(digits_cache, tmp_path):
     with RunLock(tmp_path):
         second = subprocess.run([sys.executable, "main.py", "-c", str(CONFIG), "-p", "train", f"experiment_dir={tmp_path}",
-                                 f"data.cache_path={cache}", *TRAIN], cwd=ROOT, env=env(), capture_output=True,
+                                 f"data.cache_path={digits_cache}", *TRAIN], cwd=ROOT, env=env(), capture_output=True,
                                 text=True, timeout=120)
     assert second.returncode == 1
     assert f"experiment_dir {tmp_path} is in use by another run (host" in second.stderr
@@ -105,11 +100,11 @@ def test_a_rank_that_sees_another_folder_fails_clearly(tmp_path):
             check_shared_folder(tmp_path / ".lock", "a token rank 0 never wrote", "experiment_dir")
 
 
-def test_inference_stops_at_a_part_boundary_and_continues(cache, tmp_path, monkeypatch):
+def test_inference_stops_at_a_part_boundary_and_continues(digits_cache, tmp_path, monkeypatch):
     exp = tmp_path / "run"
-    train.run(load_config(CONFIG, [f"experiment_dir={exp}", f"data.cache_path={cache}", "train.max_steps=2",
+    train.run(load_config(CONFIG, [f"experiment_dir={exp}", f"data.cache_path={digits_cache}", "train.max_steps=2",
                                    "train.batch_size=8", "train.progress=false"]))
-    cfg = lambda out: load_config(CONFIG, [f"experiment_dir={exp}", f"data.cache_path={cache}", f"inference.output={out}",
+    cfg = lambda out: load_config(CONFIG, [f"experiment_dir={exp}", f"data.cache_path={digits_cache}", f"inference.output={out}",
                                            "inference.num_samples=9", "inference.batch_size=3", "sample.steps=3"])
     reference = inference.run(cfg(tmp_path / "whole.npz"))
     real = phases.generation.Generator.images
@@ -127,7 +122,7 @@ def test_inference_stops_at_a_part_boundary_and_continues(cache, tmp_path, monke
         assert np.array_equal(a["arr_0"], b["arr_0"])
 
 
-def test_extract_stops_at_a_part_boundary_and_continues(cache, tmp_path, monkeypatch):
+def test_extract_stops_at_a_part_boundary_and_continues(digits_cache, tmp_path, monkeypatch):
     cfg = lambda path: load_config(CONFIG, [f"data.cache_path={path}", "extract.batch_size=300", "extract.flush_every=2"])
     real = phases.extract.encode_both_flips
 
@@ -143,7 +138,7 @@ def test_extract_stops_at_a_part_boundary_and_continues(cache, tmp_path, monkeyp
     monkeypatch.setattr(phases.extract, "encode_both_flips", real)
     extract.run(cfg(tmp_path / "c.h5"))
     import h5py
-    with h5py.File(tmp_path / "c.h5") as a, h5py.File(cache) as b:
+    with h5py.File(tmp_path / "c.h5") as a, h5py.File(digits_cache) as b:
         assert np.array_equal(a["moments"][:], b["moments"][:])
 
 

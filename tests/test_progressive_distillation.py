@@ -16,7 +16,8 @@ from diffusion.progressive_distillation import (
     x_from_output,
 )
 from diffusion.schedule import get_beta_schedule
-from methods.distill import DistillMethod, Guidance, eps_teacher, make_student, sampling_scale, student_denoiser
+from methods.diffusion import eps_denoiser
+from methods.distill import DistillMethod, Guidance, make_student, sampling_scale, student_denoiser
 from models import create_model
 
 NUM_CLASSES = 5
@@ -101,7 +102,7 @@ def two_teacher_steps(teacher, schedule, z_t, t, mid, end, y, scale):
 @pytest.mark.parametrize("steps", [1, 4, 32])
 def test_one_student_step_with_the_target_lands_where_two_teacher_steps_land(schedule, steps):
     teacher_model = random_dit()
-    teacher = eps_teacher(teacher_model, schedule, NUM_CLASSES, 2, all_channels=False)
+    teacher = eps_denoiser(teacher_model, schedule, NUM_CLASSES, 2, all_channels=False)
     index = torch.arange(steps).repeat_interleave(2)[: 2 * steps]
     g = torch.Generator().manual_seed(1)
     x, noise = torch.randn(len(index), 2, 8, 8, generator=g), torch.randn(len(index), 2, 8, 8, generator=g)
@@ -125,7 +126,7 @@ def test_targets_are_built_from_the_teachers_2n_step_ddim(schedule, i):
     """The method's x_tilde, stepped by one student DDIM step, equals the teacher's DDIM sampler at 2N
     steps run over its two grid steps 2(i+1) -> 2i."""
     steps = 8
-    teacher = eps_teacher(random_dit(), schedule, NUM_CLASSES, 2, all_channels=False)
+    teacher = eps_denoiser(random_dit(), schedule, NUM_CLASSES, 2, all_channels=False)
     method = DistillMethod(random_dit(1), teacher, schedule, steps, "v", "snr_trunc", Guidance(2.0))
     g = torch.Generator().manual_seed(2)
     x, noise = torch.randn(3, 2, 8, 8, generator=g), torch.randn(3, 2, 8, 8, generator=g)
@@ -146,7 +147,7 @@ def test_guided_teacher_is_dits_cfg(schedule):
     """At an integer step the teacher's x_hat is IDDPM's x_0 from DiT's guided epsilon (3-channel rule)."""
     model = random_dit(in_channels=4)
     diffusion = create_diffusion(1000, "linear", learn_sigma=True)
-    teacher = eps_teacher(model, schedule, NUM_CLASSES, 4, all_channels=False)
+    teacher = eps_denoiser(model, schedule, NUM_CLASSES, 4, all_channels=False)
     k = torch.tensor([0, 250, 999])
     t = (k + 1).double() / 1000
     z, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 4])

@@ -18,16 +18,11 @@ from models import create_model
 
 from pathlib import Path
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/demo/digits.yaml"
 MARGS = dict(name="DiT-T/4", input_size=16, in_channels=1, num_classes=10, learn_sigma=True, class_dropout_prob=0.1)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("reference") / "digits.h5"
-    extract.run(load_config(CONFIG, [f"data.cache_path={path}"]))
-    return path
 
 
 def weights(seed):
@@ -58,27 +53,27 @@ def reference_checkpoint(kind: str) -> dict:
     raise ValueError(kind)
 
 
-def cfg_for(cache, tmp_path, *extra):
-    return load_config(CONFIG, [f"data.cache_path={cache}", f"experiment_dir={tmp_path / 'run'}", "sample.steps=3",
+def cfg_for(digits_cache, tmp_path, *extra):
+    return load_config(CONFIG, [f"data.cache_path={digits_cache}", f"experiment_dir={tmp_path / 'run'}", "sample.steps=3",
                                 "sample.classes=[1,2]", "sample.per_class=1", *extra])
 
 
 @pytest.mark.parametrize("kind", ["DiT", "fast-DiT", "SpeeD"])
-def test_reference_train_checkpoints_sample_infer_and_initialise(cache, tmp_path, kind):
+def test_reference_train_checkpoints_sample_infer_and_initialise(digits_cache, tmp_path, kind):
     path = tmp_path / f"{kind}.pt"
     torch.save(reference_checkpoint(kind), path)
-    cfg = cfg_for(cache, tmp_path)
+    cfg = cfg_for(digits_cache, tmp_path)
     generator = load_generator(cfg, path, sampler_settings(cfg, "sample"), True, torch.device("cpu"))
     ema = weights(1)
     assert all(torch.equal(generator.model.state_dict()[k], v) for k, v in ema.items())  # EMA preferred
     assert generator.images(torch.tensor([1, 2]), [0, 1]).shape == (2, 16, 16, 1)
 
-    out = inference.run(cfg_for(cache, tmp_path, f"ckpt={path}", "inference.num_samples=3",
+    out = inference.run(cfg_for(digits_cache, tmp_path, f"ckpt={path}", "inference.num_samples=3",
                                 f"inference.output={tmp_path / 'samples.npz'}"))
     with np.load(out) as samples:
         assert samples["arr_0"].shape == (3, 16, 16, 1)
 
-    first = load_checkpoint(train.run(cfg_for(cache, tmp_path, f"model.init_from={path}", "train.max_steps=1",
+    first = load_checkpoint(train.run(cfg_for(digits_cache, tmp_path, f"model.init_from={path}", "train.max_steps=1",
                                               "train.lr=1e-12", "train.warmup_steps=0", "train.batch_size=8",
                                               "train.progress=false")))
     assert all(torch.allclose(first["model"][k], v, atol=1e-6) for k, v in ema.items())

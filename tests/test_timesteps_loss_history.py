@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from diffusion.timesteps import LossAwareStrategy, build_timestep_strategy
 from diffusion.timesteps.loss_history import LossHistory
 from runtime import distributed
-from runtime.config import TimestepsConfig
+from methods.registry import TimestepsConfig
 
 
 def linear_diffusion(num_timesteps):

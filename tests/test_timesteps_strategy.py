@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from scipy.stats import chisquare
 
 from diffusion.timesteps import TimestepBatch, build_timestep_strategy, dual, samplers, weightings
-from runtime.config import TimestepsConfig
+from methods.registry import TimestepsConfig
 
 T = 1000
 

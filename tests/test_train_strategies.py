@@ -10,19 +10,14 @@ from phases.validation import holdout_split
 from runtime.checkpoint import load_checkpoint
 from runtime.config import load_config
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("strategies") / "digits.h5"
-    extract.run(load_config(ROOT / "configs/demo/digits.yaml", [f"data.cache_path={path}"]))
-    return path
-
-
-def cfg_for(cache, exp, *extra):
+def cfg_for(digits_cache, exp, *extra):
     return load_config(ROOT / "configs/demo/digits.yaml", [
-        f"data.cache_path={cache}", f"experiment_dir={exp}", "train.batch_size=8", "train.progress=false",
+        f"data.cache_path={digits_cache}", f"experiment_dir={exp}", "train.batch_size=8", "train.progress=false",
         "train.log_every=2", "train.ckpt_every=2", *extra])
 
 
@@ -31,20 +26,20 @@ STRATEGIES = [("uniform", "none")] + [(s, "none") for s in SAMPLERS if s != "uni
 
 
 @pytest.mark.parametrize("sampler,weighting", STRATEGIES)
-def test_each_strategy_trains(cache, tmp_path, sampler, weighting):
-    ckpt = train.run(cfg_for(cache, tmp_path, "train.max_steps=2", f"diffusion.timesteps.sampler={sampler}",
+def test_each_strategy_trains(digits_cache, tmp_path, sampler, weighting):
+    ckpt = train.run(cfg_for(digits_cache, tmp_path, "train.max_steps=2", f"diffusion.timesteps.sampler={sampler}",
                              f"diffusion.timesteps.weighting={weighting}"))
     state = load_checkpoint(ckpt)
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_resume_keeps_the_loss_history(cache, tmp_path):
+def test_resume_keeps_the_loss_history(digits_cache, tmp_path):
     """loss_second_moment: 4 steps + resume to 6 equals 6 uninterrupted steps, history included."""
     strategy = ["diffusion.timesteps.sampler=loss_second_moment", "diffusion.timesteps.history=2"]
-    full = load_checkpoint(train.run(cfg_for(cache, tmp_path / "full", "train.max_steps=6", *strategy)))
-    train.run(cfg_for(cache, tmp_path / "split", "train.max_steps=4", *strategy))
-    resumed = load_checkpoint(train.run(cfg_for(cache, tmp_path / "split", "train.max_steps=6", *strategy)))
+    full = load_checkpoint(train.run(cfg_for(digits_cache, tmp_path / "full", "train.max_steps=6", *strategy)))
+    train.run(cfg_for(digits_cache, tmp_path / "split", "train.max_steps=4", *strategy))
+    resumed = load_checkpoint(train.run(cfg_for(digits_cache, tmp_path / "split", "train.max_steps=6", *strategy)))
     history = full["method_state"]["timesteps"]
     assert any(torch.is_tensor(v) and v.numel() > 1 and v.abs().sum() > 0 for v in history.values())
     for key, value in history.items():

@@ -12,10 +12,12 @@ from methods.diffusion import DiffusionMethod
 from methods.timestep_buckets import TimestepBuckets
 from models import create_model
 from models.flops import dit_forward_flops
-from phases import extract, train
+from phases import train
 from runtime.checkpoint import load_checkpoint
 from runtime.config import load_config
 from runtime.console import format_metrics
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/demo/digits.yaml"
@@ -52,10 +54,8 @@ def test_bucket_means_average_to_the_logged_mse_under_uniform_sampling():
     assert sums.sum().item() == pytest.approx(16 * sum(logged), rel=1e-6)
 
 
-def test_training_logs_buckets_mfu_and_data_wait(tmp_path):
-    cache = tmp_path / "digits.h5"
-    extract.run(load_config(CONFIG, [f"data.cache_path={cache}"]))
-    cfg = load_config(CONFIG, [f"data.cache_path={cache}", f"experiment_dir={tmp_path / 'run'}", "train.max_steps=4",
+def test_training_logs_buckets_mfu_and_data_wait(digits_cache, tmp_path):
+    cfg = load_config(CONFIG, [f"data.cache_path={digits_cache}", f"experiment_dir={tmp_path / 'run'}", "train.max_steps=4",
                                "train.batch_size=8", "train.log_every=2", "train.progress=false", "data.holdout=20",
                                "train.eval_every=4", "train.peak_tflops=1.0"])
     train.run(cfg)
@@ -70,10 +70,8 @@ def test_training_logs_buckets_mfu_and_data_wait(tmp_path):
     assert "mse_t" not in format_metrics(2, step)  # the console line stays short
 
 
-def test_grids_during_training_are_written_and_identical_across_a_resume(tmp_path):
-    cache = tmp_path / "digits.h5"
-    extract.run(load_config(CONFIG, [f"data.cache_path={cache}"]))
-    common = [f"data.cache_path={cache}", "train.batch_size=8", "train.progress=false", "train.log_every=2",
+def test_grids_during_training_are_written_and_identical_across_a_resume(digits_cache, tmp_path):
+    common = [f"data.cache_path={digits_cache}", "train.batch_size=8", "train.progress=false", "train.log_every=2",
               "train.ckpt_every=2", "train.sample_every=2", "train.sample_steps=3", "sample.classes=[0,5]",
               "sample.per_class=2", "train.keep_last=0"]
     cfg = lambda run, steps: load_config(CONFIG, [f"experiment_dir={tmp_path / run}", f"train.max_steps={steps}", *common])
