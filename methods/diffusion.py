@@ -156,6 +156,6 @@ SPEC = MethodSpec(
     flops_per_image=flops_per_image,
     validation_loss=validation_loss,
     check_config=check_config,
-    read_bare=lambda state, cfg: Published({}, source="a DiT state dict"),
+    read_bare=lambda state, cfg: Published({}, source="a DiT checkpoint without metadata (diffusion.* from the config)"),
     teacher=eps_teacher,
 )

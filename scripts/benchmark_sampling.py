@@ -6,11 +6,13 @@
     python scripts/benchmark_sampling.py -c configs/imagenet_256/dit_xl2.yaml autoencoder.name=vae-ema ckpt=DiT-XL-2-256x256.pt
     python scripts/benchmark_sampling.py -c configs/demo/digits.yaml --images 160
     python scripts/benchmark_sampling.py -c configs/imagenet_256/dit_xl2.yaml --random-vae --distilled 4 sample.cfg_scale=1.5
+    python scripts/benchmark_sampling.py -c configs/imagenet_256/sit_xl2.yaml --no-decode sample.sampler=sde sample.steps=250
 
-The model is model.name with random weights, saved to a temporary file in the published DiT format
-(a bare state dict), so load_generator builds it the way it builds DiT-XL-2-256x256.pt: geometry
-from data.cache_path if that file exists, else from data.image_size and the autoencoder
-(runtime/model_spec.py). ckpt=PATH uses that checkpoint instead; random weights run at the same
+The model is model.name with random weights, saved to a temporary file: for the diffusion samplers in
+the published DiT format (a bare state dict), so load_generator builds it the way it builds
+DiT-XL-2-256x256.pt, for the other methods' samplers (ode/sde of flow, ...) as that method's checkpoint with
+its settings from the config (flow.*); the geometry from data.cache_path if that file exists, else
+from data.image_size and the autoencoder (runtime/model_spec.py). ckpt=PATH uses that checkpoint instead; random weights run at the same
 speed. The sampler settings are the sample phase's (sample.sampler, steps, cfg_scale, precision,
 compile, batch_size; the ImageNet configs default to 250 DDPM steps, cfg 4.0, bf16, batch 64).
 One batch of sample.batch_size images is generated first and not timed (compilation, cuDNN
@@ -41,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from methods import registry  # noqa: E402
 from models import create_model  # noqa: E402
 from phases.generation import load_generator, load_model  # noqa: E402
 from runtime import distributed as dist  # noqa: E402
@@ -82,17 +85,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def save_random_model(cfg, path: Path, with_model_args: bool) -> dict:
-    """model.name with random weights (seeded by cfg.seed): a bare state dict, or with_model_args the
-    train phase's layout with the identity autoencoder (which --no-decode needs). Returns the model args."""
+def save_random_model(cfg, path: Path, sampler: str, identity: bool) -> dict:
+    """model.name with random weights (seeded by cfg.seed) for `sampler`. For the default method's samplers
+    (diffusion) and a real decoder: a bare state dict, as DiT's release; otherwise the train phase's layout
+    with the sampler's method and its metadata from the config (the identity autoencoder with `identity`,
+    which --no-decode needs). Returns the model args."""
+    owner = registry.sampler_owner(sampler) or registry.spec(registry.DEFAULT)
     margs = model_args_from_config(cfg)
+    if owner.model_args is not None:
+        margs = owner.model_args(cfg, margs)
     torch.manual_seed(cfg.seed)
     weights = create_model(**margs).state_dict()
-    if with_model_args:
-        torch.save({"model": weights, "model_args": margs,
-                    "autoencoder": {"name": "identity", "scale_factor": 1.0}}, path)
-    else:
+    if owner.name == registry.DEFAULT and not identity:
         torch.save(weights, path)
+        return margs
+    autoencoder = ({"name": "identity", "scale_factor": 1.0} if identity else
+                   {"name": str(cfg.autoencoder.name), "scale_factor": cfg.autoencoder.scale_factor})
+    metadata = {"method": owner.name, **owner.metadata(cfg)} if owner.metadata is not None else {}
+    torch.save({"model": weights, "model_args": margs, "autoencoder": autoencoder, **metadata}, path)
     return margs
 
 
@@ -123,7 +133,7 @@ def prepare(cfg, args: argparse.Namespace, folder: Path) -> tuple[Path, str]:
             raise FileNotFoundError(f"ckpt={cfg.ckpt} does not exist")
         return Path(cfg.ckpt), decoder
     path = folder / "random_init.pt"
-    save_random_model(cfg, path, with_model_args=args.no_decode)
+    save_random_model(cfg, path, sampler_settings(cfg, "sample").sampler, identity=args.no_decode)
     if args.no_decode:
         cfg.autoencoder.name = "identity"  # the saved checkpoint says identity; load_generator checks they agree
     return path, decoder

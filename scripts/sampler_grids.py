@@ -6,11 +6,17 @@
     python scripts/sampler_grids.py -c configs/demo/digits.yaml --panel ddim:50 \
         --panel configs/demo/digits_ddgan.yaml@ddgan:0 -o docs/demo/diffusion_vs_ddgan.png
 
-A panel is [CONFIG@]SAMPLER:STEPS: the latest checkpoint of that config's run (or ckpt=...) sampled
-through the generation path of `sample` (sample.classes x sample.per_class, image i from seed + i,
-the config's cfg scale and precision), so panels of one run differ only in the sampler. Each panel's
-title has the sampler, the steps and the seconds it took (decoding included); the same numbers are
-printed as "<title>: <seconds> s, <img/s> img/s". Overrides (a.b=value) apply to every panel.
+A panel is "[CONFIG@]SAMPLER:STEPS [a.b=value ...]": the latest checkpoint of that config's run (or
+ckpt=...) sampled through the generation path of `sample` (sample.classes x sample.per_class, image i
+from seed + i, the config's cfg scale and precision), so panels of one run differ only in the sampler;
+the panel's own overrides (e.g. flow.ode_solver=heun) apply to it alone. Each panel's title has the
+sampler, the steps, the values of its own overrides and the seconds it took (decoding included); the
+same numbers are printed as "<title>: <seconds> s, <img/s> img/s". Overrides after the options apply
+to every panel.
+
+    python scripts/sampler_grids.py -c configs/demo/digits.yaml --panel ddim:20 \
+        --panel "configs/demo/digits_flow.yaml@ode:20 flow.ode_solver=euler" \
+        --panel "configs/demo/digits_flow.yaml@ode:10 flow.ode_solver=heun" -o docs/demo/flow.png
 """
 from __future__ import annotations
 
@@ -33,18 +39,19 @@ from methods.sampling import sampled_checkpoint  # noqa: E402
 from runtime.config import load_config, sampler_settings  # noqa: E402
 
 
-def parse_panel(spec: str, default_config: str) -> tuple[str, str, int]:
-    """[CONFIG@]SAMPLER:STEPS -> (config, sampler, steps)."""
-    config, _, rest = spec.rpartition("@")
+def parse_panel(spec: str, default_config: str) -> tuple[str, str, int, list[str]]:
+    """"[CONFIG@]SAMPLER:STEPS [a.b=value ...]" -> (config, sampler, steps, the panel's overrides)."""
+    head, *overrides = spec.split()
+    config, _, rest = head.rpartition("@")
     sampler, _, steps = rest.partition(":")
-    if not sampler or not steps.isdigit():
-        raise SystemExit(f"--panel {spec!r}: expected [CONFIG@]SAMPLER:STEPS, e.g. sscs:50")
-    return config or default_config, sampler, int(steps)
+    if not sampler or not steps.isdigit() or not all("=" in o for o in overrides):
+        raise SystemExit(f"--panel {spec!r}: expected [CONFIG@]SAMPLER:STEPS [a.b=value ...], e.g. sscs:50")
+    return config or default_config, sampler, int(steps), overrides
 
 
-def panel(config: str, sampler: str, steps: int, overrides: list[str]) -> tuple[str, Image.Image, float, int]:
+def panel(config: str, sampler: str, steps: int, own: list[str], overrides: list[str]):
     """(title, grid, seconds, images) of one sampler on one run."""
-    cfg = load_config(config, [*overrides, f"sample.sampler={sampler}", f"sample.steps={steps}"])
+    cfg = load_config(config, [*overrides, *own, f"sample.sampler={sampler}", f"sample.steps={steps}"])
     settings = sampler_settings(cfg, "sample")
     ckpt = sampled_checkpoint(cfg, settings)
     generator = load_generator(cfg, ckpt, settings, cfg.sample.use_ema, dist.device())
@@ -55,7 +62,7 @@ def panel(config: str, sampler: str, steps: int, overrides: list[str]) -> tuple[
                         for i in range(0, len(labels), cfg.sample.batch_size)])
     seconds = time.perf_counter() - start
     columns = cfg.sample.per_class if cfg.sample.per_class > 1 else math.ceil(math.sqrt(len(labels)))
-    title = f"{sampler} {steps}" if steps else sampler
+    title = " ".join([f"{sampler} {steps}" if steps else sampler, *(o.split("=", 1)[1] for o in own)])
     return f"{title} ({seconds:.1f} s)", grid_image(images, columns), seconds, len(labels)
 
 
@@ -71,7 +78,8 @@ def stack(rows: list[Image.Image], gap: int = 8) -> Image.Image:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="the default config of the panels")
-    parser.add_argument("--panel", action="append", required=True, help="[CONFIG@]SAMPLER:STEPS (repeatable)")
+    parser.add_argument("--panel", action="append", required=True,
+                        help="\"[CONFIG@]SAMPLER:STEPS [a.b=value ...]\" (repeatable)")
     parser.add_argument("--per-row", type=int, default=0, help="panels per row (0: all in one row)")
     parser.add_argument("-o", "--output", required=True, help="the PNG to write")
     parser.add_argument("overrides", nargs="*", help="a.b=value, for every panel")

@@ -48,10 +48,11 @@ def run_script(name, args, tmp_path):
     return proc.stdout, float(match.group(1)), temp
 
 
-def test_train_on_an_existing_cache(demo_cache, tmp_path):
+@pytest.mark.parametrize("method", ["diffusion", "flow"])
+def test_train_on_an_existing_cache(demo_cache, tmp_path, method):
     out, rate, temp = run_script("benchmark_train", [
         "-c", str(DEMO), f"data.cache_path={demo_cache}", "model.name=DiT-T/4", "train.batch_size=16",
-        "--warmup", "2", "--steps", "3"], tmp_path)
+        f"model.method={method}", "--warmup", "2", "--steps", "3"], tmp_path)
     assert rate > 0
     assert "3 steps timed after 2 warm-up steps" in out
     assert f"data: cache {demo_cache}" in out
@@ -110,6 +111,15 @@ def test_sampling_without_decoding(tmp_path):
         "--images", "2"], tmp_path)
     assert rate > 0
     assert "latent 4x32x32" in out and "decoder: none" in out
+    assert not list(temp.iterdir()), "the random checkpoint was left behind"
+
+
+def test_sampling_a_flow_model_with_the_sde(demo_cache, tmp_path):
+    out, rate, temp = run_script("benchmark_sampling", [
+        "-c", str(ROOT / "configs/demo/digits_flow.yaml"), f"data.cache_path={demo_cache}", "sample.sampler=sde",
+        "sample.steps=3", "sample.batch_size=4", "sample.cfg_interval=[0,0.5]", "--images", "4"], tmp_path)
+    assert rate > 0
+    assert "sampler sde x 3 steps" in out and "latent 1x16x16" in out
     assert not list(temp.iterdir()), "the random checkpoint was left behind"
 
 

@@ -52,10 +52,11 @@ def test_fid_over_two_checkpoints_then_nothing_to_redo(setup, monkeypatch):
         evaluate.run(load_config(CONFIG, [*common, "evaluate.checkpoints=[2,6]"]))
 
 
-def test_fid_every_inside_training(setup):
+@pytest.mark.parametrize("config,sampler", [(CONFIG, "ddim"), (ROOT / "configs/demo/digits_flow.yaml", "ode")])
+def test_fid_every_inside_training(setup, config, sampler):
     tmp_path, common = setup
-    train.run(load_config(CONFIG, [*common, "train.max_steps=4", "train.fid_every=2"]))
+    train.run(load_config(config, [*common, "train.max_steps=4", "train.fid_every=2", f"evaluate.sampler={sampler}"]))
     records = [json.loads(line) for line in (tmp_path / "run" / "logs" / "train.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "fid" in r] == [2, 4]
+    assert [r["step"] for r in records if "fid" in r] == [2, 4] and all(r["fid"] >= 0 for r in records if "fid" in r)
     with pytest.raises(ConfigError, match="multiple of train.ckpt_every"):
         load_config(CONFIG, [*common, "train.fid_every=3"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from phases import extract, inference, train
+from phases import inference, train
 from phases.generation import load_generator
 from runtime.checkpoint import BrokenCheckpointError, load_checkpoint
 from runtime.config import load_config, sampler_settings

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffusion.timesteps import SAMPLERS, WEIGHTINGS
-from phases import extract, train
+from phases import train
 from phases.validation import holdout_split
 from runtime.checkpoint import load_checkpoint
 from runtime.config import load_config
