@@ -113,47 +113,6 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-class GuidanceEmbedder(TimestepEmbedder):
-    """Guidance scale s -> vector added to the conditioning: a student that samples at any scale.
-
-    Guided distillation (Meng et al., CVPR 2023) feeds the guidance weight to the student through
-    an embedding. The timestep embedder's sinusoid + SiLU MLP applied to 100 (s - 1) (scales 1..11
-    cover the range DiT's timesteps use), with the last layer starting at zero, so a freshly added
-    embedder changes nothing: a copy of the teacher with it gives the teacher's outputs.
-    """
-
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = FREQUENCY_EMBEDDING_SIZE):
-        super().__init__(hidden_size, frequency_embedding_size)
-        nn.init.normal_(self.mlp[0].weight, std=0.02)
-        nn.init.zeros_(self.mlp[0].bias)
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
-
-    def forward(self, scale: torch.Tensor) -> torch.Tensor:
-        return super().forward(100.0 * (scale.float() - 1.0))
-
-
-class LatentCodeEmbedder(nn.Module):
-    """A GAN generator's latent code z -> vector added to the conditioning (DDGAN's G(x_t, z, t)).
-
-    DDGAN feeds z through a mapping MLP into the generator's adaptive normalisation; adding its
-    embedding to DiT's adaLN conditioning vector is the same idea. z is normalised to unit RMS
-    first (StyleGAN's pixel norm, also in DDGAN's mapping network), so its scale never matters.
-    """
-
-    def __init__(self, z_dim: int, hidden_size: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(z_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-        nn.init.normal_(self.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.mlp[2].weight, std=0.02)
-        nn.init.zeros_(self.mlp[0].bias)
-        nn.init.zeros_(self.mlp[2].bias)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = z.float()
-        return self.mlp(z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8))
-
-
 class DiTBlock(nn.Module):
     """Transformer block with LayerNorms modulated by the conditioning c and zero-initialised gates (adaLN-Zero)."""
 
@@ -193,14 +152,12 @@ class DiT(nn.Module):
 
     forward(x [B, C, H, W], t [B] long or float, y [B] long) -> [B, out_channels, H, W], where
     out_channels = 2C (epsilon and the variance interpolation v) if learn_sigma else C.
-    With guidance_embedding (distilled students, not part of the reference), forward also takes
-    the guidance scale s [B], embedded by `guidance_embedder` and added to the conditioning.
-
-    Two more optional inputs serve the other training methods (neither changes the reference keys):
-    `z_dim` > 0 gives the network a latent code z [B, z_dim] (the DDGAN generator), embedded by an
-    MLP and added to the conditioning vector like the timestep; `extra_in_channels` > 0 widens the
-    input to C + extra channels while the output stays C-based (CLD: position and velocity in,
-    the velocity score out).
+    `extra_in_channels` > 0 widens the input to C + extra channels while the output stays C-based
+    (CLD: position and velocity in, the velocity score out). forward's `cond` [B, hidden] is added to
+    the adaLN conditioning vector: the methods' extra inputs (a distilled student's guidance scale,
+    DDGAN's latent code) come in through it, embedded by wrappers (models/conditioning.py).
+    `feature_depths` (1-based block indices) also returns the hidden tokens [B, N, hidden] after
+    those blocks, for feature losses (representation alignment).
     """
 
     def __init__(
@@ -216,8 +173,6 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         grad_checkpointing: bool = False,
-        guidance_embedding: bool = False,
-        z_dim: int = 0,
         extra_in_channels: int = 0,
     ):
         super().__init__()
@@ -239,15 +194,21 @@ class DiT(nn.Module):
         num_patches = self.x_embedder.num_patches
         # Fixed (not trained) but a Parameter, as in the reference, so it is part of the state dict.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.guidance_embedder = None
+        self.blocks = self.make_blocks(hidden_size, num_heads, mlp_ratio, depth)
+        self.final_layer = self.make_final_layer(hidden_size, patch_size, self.out_channels)
+        self.hidden_size = hidden_size
         self.initialize_weights()
-        if guidance_embedding:  # after the reference initialisation, so it draws the same numbers for a seed
-            self.guidance_embedder = GuidanceEmbedder(hidden_size)
-        self.z_embedder = None
-        if z_dim > 0:
-            self.z_embedder = LatentCodeEmbedder(z_dim, hidden_size)
+
+    def make_blocks(self, width: int, num_heads: int, mlp_ratio: float, depth: int) -> nn.ModuleList:
+        """The transformer blocks (a subclass with other blocks overrides this and the two below)."""
+        return nn.ModuleList([DiTBlock(width, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+
+    def make_final_layer(self, width: int, patch_size: int, out_channels: int) -> nn.Module:
+        return FinalLayer(width, patch_size, out_channels)
+
+    def block_inputs(self) -> dict:
+        """Extra keyword inputs of every block (LightningDiT: the rotary embedding)."""
+        return {}
 
     def initialize_weights(self) -> None:
         """adaLN-Zero initialisation (paper Sec. 3.2): every block starts as the identity, the output as zero."""
@@ -293,28 +254,26 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, s: torch.Tensor | None = None,
-                z: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cond: torch.Tensor | None = None,
+                feature_depths: tuple = ()):
         expected = (self.in_channels + self.extra_in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"DiT expects x of shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
-        if (s is None) != (self.guidance_embedder is None):
-            raise ValueError("the guidance scale s must be given exactly when the model has a guidance embedding")
-        if (z is None) != (self.z_embedder is None):
-            raise ValueError("the latent code z must be given exactly when the model has z_dim > 0")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
-        if self.guidance_embedder is not None:
-            c = c + self.guidance_embedder(s)
-        if self.z_embedder is not None:
-            c = c + self.z_embedder(z)
+        if cond is not None:
+            c = c + cond
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        inputs = self.block_inputs()
+        features = []
+        for depth, block in enumerate(self.blocks, 1):
             if use_checkpoint:
-                x = checkpoint(block, x, c, use_reentrant=False)
+                x = checkpoint(block, x, c, use_reentrant=False, **inputs)
             else:
-                x = block(x, c)
-        x = self.final_layer(x, c)
-        return self.unpatchify(x)
+                x = block(x, c, **inputs)
+            if depth in feature_depths:
+                features.append(x)
+        out = self.unpatchify(self.final_layer(x, c))
+        return (out, features) if feature_depths else out

@@ -1,4 +1,4 @@
-"""Model FLOPs of DiT from its architecture, and the dense peak of the device, for MFU.
+"""Model FLOPs of DiT and LightningDiT from their architecture, and the dense peak of the device, for MFU.
 
 MFU (model FLOPs utilisation, PaLM's definition) = model FLOPs per second / the device's peak:
 only the FLOPs the model needs, not recomputation (gradient checkpointing) or padding. A DiT
@@ -9,13 +9,16 @@ tokens of width D over L blocks:
     once:      patch embedding N p^2 C D, timestep MLP (256 D + D^2), final adaLN 2 D^2,
                final linear N D p^2 C_out
 
-For DiT-XL/2 at 256 px that is 118.6 G MACs, the "Gflops" of the DiT paper's Table 4. Training
+For DiT-XL/2 at 256 px that is 118.6 G MACs, the "Gflops" of the DiT paper's Table 4. A LightningDiT block
+has 4 D^2 of adaLN without the shift, and SwiGLU's 3 N D h (h = int(2/3 x 4 D)) in place of the MLP; RMSNorm,
+QK-norm and the rotary embedding are element-wise (not counted, as torch's counter does not). Training
 costs three forward passes per image (forward, and a backward twice as expensive).
 """
 from __future__ import annotations
 
-from models import DIT_SIZES, MODELS
+from models import architecture, family_of
 from models.dit import FREQUENCY_EMBEDDING_SIZE
+from models.lightningdit import swiglu_hidden
 
 MLP_RATIO = 4.0
 
@@ -34,13 +37,15 @@ PEAK_TFLOPS = {
 def dit_forward_macs(model_args: dict) -> float:
     """Multiply-accumulates of one image's forward pass through the DiT of `model_args`."""
     name = model_args["name"]
-    depth, width, _ = DIT_SIZES[name.split("-")[1].split("/")[0]]
-    patch = MODELS[name].keywords["patch_size"]
+    depth, width, _, patch = architecture(name)
+    switches = family_of(name).switches(model_args)
     channels = int(model_args["in_channels"])
     out_channels = 2 * channels if model_args.get("learn_sigma", True) else channels
     tokens = (int(model_args["input_size"]) // patch) ** 2
     d = float(width)
-    block = 6 * d * d + 3 * tokens * d * d + 2 * tokens * tokens * d + tokens * d * d + 2 * MLP_RATIO * tokens * d * d
+    adaln = (6 if switches["adaln_shift"] else 4) * d * d
+    mlp = 3 * tokens * d * swiglu_hidden(width, MLP_RATIO) if switches["swiglu"] else 2 * MLP_RATIO * tokens * d * d
+    block = adaln + 3 * tokens * d * d + 2 * tokens * tokens * d + tokens * d * d + mlp
     in_channels = channels + int(model_args.get("extra_in_channels", 0))
     once = tokens * patch * patch * in_channels * d + FREQUENCY_EMBEDDING_SIZE * d + d * d + 2 * d * d
     once += tokens * d * patch * patch * out_channels

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+ROTARY_TABLES = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")  # a LightningDiT's fixed rotary tables
 # Added to every key by DistributedDataParallel ("module.") and torch.compile ("_orig_mod.").
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SHOWN = 5  # keys listed per kind of mismatch in an error message
@@ -73,6 +74,32 @@ def _block_count(keys) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def block_switches_of(state: Mapping[str, torch.Tensor]) -> dict | None:
+    """The block switches a DiT-family state dict was built with, read off its keys (None without blocks):
+    all off and the adaLN shift on is the reference DiT block; anything else is a LightningDiT."""
+    modulation = state.get("blocks.0.adaLN_modulation.1.weight")
+    if modulation is None:
+        return None
+    width = modulation.shape[1]
+    return {"rmsnorm": "blocks.0.norm1.weight" in state, "swiglu": "blocks.0.mlp.w12.weight" in state,
+            "rope": "feat_rope.freqs_cos" in state, "qk_norm": "blocks.0.attn.q_norm.weight" in state,
+            "adaln_shift": modulation.shape[0] == 6 * width}
+
+
+def _architecture_hint(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:
+    """A LightningDiT checkpoint under a DiT name, the reverse, or other LightningDiT switches: say which."""
+    theirs, ours = block_switches_of(state), block_switches_of(expected)
+    if theirs is None or ours is None or theirs == ours:
+        return None
+    reference = {"rmsnorm": False, "swiglu": False, "rope": False, "qk_norm": False, "adaln_shift": True}
+    if theirs == reference:
+        return "the checkpoint is a DiT (reference blocks) but the model a LightningDiT: set model.name=DiT-..."
+    switches = ", ".join(f"model.{k}={str(v).lower()}" for k, v in theirs.items())
+    if ours == reference:
+        return f"the checkpoint is a LightningDiT ({switches}) but the model a DiT: set model.name=LightningDiT-..."
+    return f"the checkpoint is a LightningDiT with other block switches: {switches}"
+
+
 def _mismatch_hints(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
     """Plain-language guesses at why a checkpoint does not fit, from the tell-tale DiT tensors."""
 
@@ -82,11 +109,18 @@ def _mismatch_hints(state: Mapping[str, torch.Tensor], expected: Mapping[str, to
         return None, None
 
     hints = []
+    architecture = _architecture_hint(state, expected)
+    if architecture:
+        return [architecture]
     if not set(state) & set(expected):
         hints.append("no key in common with the model: is this a DiT checkpoint?")
     depth = _block_count(state), _block_count(expected)
     if depth[0] != depth[1]:
         hints.append(f"the checkpoint has {depth[0]} blocks, the model {depth[1]}: model.name has the wrong size")
+    got, want = shapes("feat_rope.freqs_cos")
+    if got and got != want:
+        hints.append(f"the rotary tables are for {got[0]} tokens, the model's for {want[0]}: another latent size or "
+                     "patch size; model.init_mode=resize recomputes them for fine-tuning")
     got, want = shapes("pos_embed")
     if got and got[-1] != want[-1]:
         hints.append(f"hidden size {got[-1]} in the checkpoint vs {want[-1]}: model.name has the wrong size")
@@ -153,7 +187,8 @@ def resized_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
     """The checkpoint's weights fitted to a model of another resolution or number of classes.
 
     Every weight is copied except two, which the new model keeps from its own initialisation:
-    pos_embed (DiT's fixed sin-cos table, recomputed for the new token grid) and, when the class
+    pos_embed (DiT's fixed sin-cos table, recomputed for the new token grid; a LightningDiT's rotary tables
+    likewise) and, when the class
     count differs, the label table, whose last row (the null class of classifier-free guidance)
     is copied from the checkpoint's last row. Anything else that does not fit is an error.
     Returns (state dict for load_state_dict(strict=True), what was not copied).
@@ -167,6 +202,8 @@ def resized_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
         want = expected[key]
         if key == "pos_embed" and value.shape != want.shape:
             kept.append(f"pos_embed recomputed for {want.shape[1]} tokens (was {value.shape[1]})")
+        elif key in ROTARY_TABLES and value.shape != want.shape:
+            kept.append(f"{key} recomputed for {want.shape[0]} tokens (was {value.shape[0]})")
         elif key == "y_embedder.embedding_table.weight" and value.shape != want.shape and value.shape[1:] == want.shape[1:]:
             table = want.clone()
             table[-1] = value[-1]

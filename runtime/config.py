@@ -38,6 +38,12 @@ class ModelConfig:
     init_from: Optional[str] = None  # a checkpoint to initialise training from (fine-tuning)
     init_mode: str = "strict"  # strict | resize (another image size or number of classes: see README)
     method: str = "diffusion"  # the training method of `train` (methods/registry.py): diffusion | flow | ddgan | cld
+    # LightningDiT's block switches (None: the release's choice; a DiT-* model takes none of them)
+    rmsnorm: Optional[bool] = None  # RMSNorm instead of LayerNorm (release: on)
+    swiglu: Optional[bool] = None  # SwiGLU feed-forward (release: on)
+    rope: Optional[bool] = None  # 2-D rotary embedding on q and k, beside the sin-cos table (release: on)
+    qk_norm: Optional[bool] = None  # normalised q and k (release: off; against loss spikes in long runs)
+    adaln_shift: Optional[bool] = None  # adaLN with its shift terms (release: on)
 
 
 @dataclass

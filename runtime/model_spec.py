@@ -42,24 +42,41 @@ def model_args_from_cache(cfg: DictConfig, info: dict) -> dict:
 
 
 def model_args(cfg: DictConfig, input_size: int, in_channels: int) -> dict:
+    """The architecture and its geometry; a LightningDiT's block switches resolved (None: the release's)."""
+    from models import SWITCHES, resolve_switches
+
+    mc = cfg.model
+    try:
+        switches = resolve_switches(str(mc.name), **{k: mc[k] for k in SWITCHES})
+    except ValueError as err:
+        from runtime.config import ConfigError
+
+        raise ConfigError(str(err)) from None
     return {
-        "name": str(cfg.model.name),
+        "name": str(mc.name),
         "input_size": int(input_size),
         "in_channels": int(in_channels),
-        "num_classes": int(cfg.model.num_classes),
-        "learn_sigma": bool(cfg.model.learn_sigma),
-        "class_dropout_prob": float(cfg.model.class_dropout_prob),
+        "num_classes": int(mc.num_classes),
+        "learn_sigma": bool(mc.learn_sigma),
+        "class_dropout_prob": float(mc.class_dropout_prob),
+        **switches,
     }
 
 
 def model_args_from_config(cfg: DictConfig, weights: dict | None = None) -> dict:
     """For published checkpoints with no metadata: the geometry implied by the config (the cache's when it
-    exists). With the checkpoint's `weights`, model.learn_sigma is read off its output layer: SiT's release
-    has the variance channels, REPA's checkpoints do not."""
+    exists). With the checkpoint's `weights`, model.learn_sigma is read off its output layer (SiT's release
+    has the variance channels, REPA's checkpoints do not), and a LightningDiT's block switches off its keys
+    (a file of the other family stays an error that names it)."""
+    from models.pretrained import block_switches_of
+
     margs = _geometry_from_config(cfg)
     learn_sigma = learned_sigma_of(weights, margs["in_channels"]) if weights is not None else None
     if learn_sigma is not None:
         margs["learn_sigma"] = learn_sigma
+    switches = block_switches_of(weights) if weights is not None else None
+    if switches is not None and "rope" in margs:  # a LightningDiT: its switches as the file has them
+        margs.update(switches)
     return margs
 
 
@@ -93,14 +110,23 @@ def _geometry_from_config(cfg: DictConfig) -> dict:
 
 
 def check_same_model(stored: dict, current: dict, source: str) -> None:
-    """Resuming or fine-tuning with a different architecture or latent shape is an error."""
+    """Resuming or fine-tuning with a different architecture or latent shape is an error. The model args are
+    compared by equality, with what older checkpoints left out filled in (the family's block switches)."""
+    from models import SWITCHES, family_of
+
     keys = ("name", "input_size", "in_channels", "num_classes", "learn_sigma", "guidance_embedding", "z_dim",
-            "extra_in_channels")
+            "extra_in_channels", *SWITCHES)
     defaults = {"guidance_embedding": False, "z_dim": 0, "extra_in_channels": 0}  # absent from older checkpoints
-    diffs = [
-        f"{k}: {stored.get(k, defaults.get(k))} in {source}, {current.get(k, defaults.get(k))} now"
-        for k in keys
-        if stored.get(k, defaults.get(k)) != current.get(k, defaults.get(k))
-    ]
+
+    def value(args: dict, key: str):
+        if key in SWITCHES:
+            try:
+                return family_of(str(args["name"])).switches(args)[key]
+            except ValueError:
+                return args.get(key)
+        return args.get(key, defaults.get(key))
+
+    diffs = [f"{k}: {value(stored, k)} in {source}, {value(current, k)} now" for k in keys
+             if value(stored, k) != value(current, k)]
     if diffs:
         raise ValueError(f"{source} was made for a different model or latent shape: " + "; ".join(diffs))

@@ -11,6 +11,10 @@ from models.flops import dit_forward_flops, dit_forward_macs, mfu, peak_tflops
     dict(name="DiT-T/4", input_size=16, in_channels=1, num_classes=10, learn_sigma=True),
     dict(name="DiT-S/2", input_size=32, in_channels=4, num_classes=10, learn_sigma=True),
     dict(name="DiT-T/2", input_size=8, in_channels=3, num_classes=10, learn_sigma=False, guidance_embedding=True),
+    dict(name="LightningDiT-T/4", input_size=16, in_channels=1, num_classes=10, learn_sigma=False),
+    dict(name="LightningDiT-S/1", input_size=8, in_channels=32, num_classes=10, learn_sigma=False, rope=False,
+         adaln_shift=False, qk_norm=True),
+    dict(name="LightningDiT-T/2", input_size=8, in_channels=4, num_classes=10, swiglu=False, rmsnorm=False, z_dim=8),
 ])
 def test_formula_equals_torchs_flop_counter(margs):
     """Every matmul of one forward pass, counted by torch (attention as explicit matmuls so it is seen)."""
@@ -19,6 +23,8 @@ def test_formula_equals_torchs_flop_counter(margs):
         block.attn.fused_attn = False
     x = torch.randn(1, margs["in_channels"], margs["input_size"], margs["input_size"])
     extra = {"s": torch.tensor([2.0])} if margs.get("guidance_embedding") else {}
+    if margs.get("z_dim"):
+        extra["z"] = torch.randn(1, margs["z_dim"])
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, torch.tensor([5.0]), torch.tensor([1]), **extra)
     assert dit_forward_flops(margs) == counter.get_total_flops()

@@ -1,4 +1,4 @@
-"""The contract every registered method keeps, checked with a toy backbone: its spec is registered under its
+"""The contract every registered method keeps, checked with each toy backbone (DiT, LightningDiT): its spec is registered under its
 name, it builds, one loss per objective is finite and trains, its state survives a round trip, its checkpoint
 metadata is plain data, it samples with its own sampler and refuses another method's, and its config section
 is checked only when it runs. Also: the method-agnostic code never tests a method's name."""
@@ -25,6 +25,7 @@ BAD_SECTION = {"diffusion": ("diffusion.schedule=quadratic", "diffusion.schedule
                "distill": ("distill.start_steps=12", "power of two"), "ddgan": ("ddgan.num_steps=0", "ddgan.num_steps"),
                "cld": ("cld.mass=0", "cld.mass"), "flow": ("flow.path=cosine", "flow.path")}
 NAMES = registry.names()
+BACKBONES = ("DiT-T/4", "LightningDiT-T/4")
 
 
 def toy_cfg():
@@ -58,10 +59,11 @@ def test_each_spec_is_registered_under_its_name_with_its_section(name):
             assert not set(spec.samplers) & set(other.samplers), "a sampler name must say which method it is for"
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("name", [n for n in NAMES if registry.spec(n).trainable])
-def test_a_trainable_method_builds_trains_and_round_trips_its_state(name):
+def test_a_trainable_method_builds_trains_and_round_trips_its_state(name, backbone):
     spec, cfg = registry.spec(name), toy_cfg()
-    margs = spec.model_args(cfg, dict(BASE_MARGS))
+    margs = spec.model_args(cfg, dict(BASE_MARGS, name=backbone))
     torch.manual_seed(0)
     model = create_model(**margs)
     method = spec.build(cfg, model, torch.device("cpu"))
@@ -88,10 +90,12 @@ def test_a_trainable_method_builds_trains_and_round_trips_its_state(name):
     assert torch.load(buffer, weights_only=True) == meta  # plain data: loadable with weights_only
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("name", NAMES)
-def test_a_checkpoint_samples_with_its_own_sampler_and_refuses_the_others(name):
+def test_a_checkpoint_samples_with_its_own_sampler_and_refuses_the_others(name, backbone):
     spec, cfg = registry.spec(name), toy_cfg()
-    margs = spec.model_args(cfg, dict(BASE_MARGS)) if spec.model_args else dict(BASE_MARGS, learn_sigma=False)
+    base = dict(BASE_MARGS, name=backbone)
+    margs = spec.model_args(cfg, base) if spec.model_args else dict(base, learn_sigma=False)
     model = create_model(**margs).eval()
     meta = metadata_of(name, cfg)
     sampler, steps = OWN_SAMPLER[name]
