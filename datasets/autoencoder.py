@@ -1,9 +1,9 @@
 """Autoencoders between pixels in [-1, 1] and (unscaled) latents: the SD VAE and the identity.
 
 `encode` returns the Gaussian posterior (mean, std), not a sample, so the cache can store the
-distribution and draw a fresh sample every time it is read (spec section 6); the caller
-multiplies a sample by `scale_factor` (0.18215 for the SD VAE) before diffusion, and divides by
-it before `decode`.
+distribution and draw a fresh sample every time it is read; the network sees the sample normalised
+(datasets/latent_norm.py: times `scale_factor`, 0.18215 for the SD VAE, or per channel), and
+`decode_latents` undoes that before decoding.
 """
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+
+from datasets.latent_norm import LatentNorm
+from datasets.ldm_vae import load_ldm_vae
 
 IDENTITY = "identity"
 
@@ -26,8 +29,9 @@ class IdentityAutoencoder:
     in_channels = None  # any
     downsample = 1
 
-    def __init__(self, scale_factor: float | None = None):
+    def __init__(self, scale_factor: float | None = None, norm: LatentNorm | None = None):
         self.scale_factor = 1.0 if scale_factor is None else float(scale_factor)
+        self.norm = norm if norm is not None else LatentNorm.scalar(self.scale_factor)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.float()
@@ -36,11 +40,16 @@ class IdentityAutoencoder:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z.float().clamp(-1, 1)
 
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """What the network generated -> pixels in [-1, 1]."""
+        return self.decode(self.norm.denormalize(z.float()))
+
 
 class VAEAutoencoder:
     """A diffusers AutoencoderKL, frozen, in eval mode; bf16 autocast on CUDA when asked."""
 
-    def __init__(self, vae, name: str, device: torch.device, scale_factor: float | None, precision: str):
+    def __init__(self, vae, name: str, device: torch.device, scale_factor: float | None, precision: str,
+                 norm: LatentNorm | None = None):
         if precision not in ("bf16", "fp32"):
             raise ValueError(f"autoencoder precision must be bf16 or fp32, got {precision!r}")
         self.vae = vae.to(device).eval().requires_grad_(False)
@@ -48,6 +57,7 @@ class VAEAutoencoder:
         self.device = torch.device(device)
         config = vae.config
         self.scale_factor = float(config.scaling_factor if scale_factor is None else scale_factor)
+        self.norm = norm if norm is not None else LatentNorm.scalar(self.scale_factor)
         self.latent_channels = int(config.latent_channels)
         self.in_channels = int(config.in_channels)
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
@@ -73,16 +83,23 @@ class VAEAutoencoder:
             images = self.vae.decode(z.to(self.device, torch.float32)).sample
         return images.float().clamp(-1, 1)
 
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """What the network generated -> pixels in [-1, 1]."""
+        return self.decode(self.norm.denormalize(z.float()))
 
-def load_autoencoder(name: str, device, scale_factor: float | None = None, precision: str = "fp32"):
-    """"identity", a local folder saved with `save_pretrained`, or a Hugging Face id.
+
+def load_autoencoder(name: str, device, scale_factor: float | None = None, precision: str = "fp32",
+                     norm: LatentNorm | None = None):
+    """"identity", a local folder saved with `save_pretrained`, a local LDM-format file (VA-VAE's release:
+    datasets/ldm_vae.py), or a Hugging Face id. `norm` is how the network's latents are normalised (the
+    scale factor when None).
 
     A Hugging Face id may name a VAE repo (config.json at the top) or a pipeline repo whose VAE
     sits in its `vae/` subfolder. The local Hugging Face cache is tried first, so nothing is
     downloaded when the weights are already there.
     """
     if name == IDENTITY:
-        return IdentityAutoencoder(scale_factor)
+        return IdentityAutoencoder(scale_factor, norm)
     from diffusers import AutoencoderKL
 
     if Path(name).expanduser().is_dir():
@@ -94,14 +111,16 @@ def load_autoencoder(name: str, device, scale_factor: float | None = None, preci
                 "save the VAE there with AutoencoderKL.save_pretrained(folder)"
             )
         vae = AutoencoderKL.from_pretrained(str(folder), subfolder=subfolder)
-        return VAEAutoencoder(vae, name, device, scale_factor, precision)
+        return VAEAutoencoder(vae, name, device, scale_factor, precision, norm)
+    if Path(name).expanduser().is_file():  # an LDM-format state dict (VA-VAE's release, ...)
+        return VAEAutoencoder(load_ldm_vae(Path(name).expanduser()), name, device, scale_factor, precision, norm)
     if _looks_like_path(name):
         raise FileNotFoundError(
             f"autoencoder folder {name} does not exist: set autoencoder.name to a folder saved with "
             "save_pretrained, a Hugging Face id such as stabilityai/sd-vae-ft-ema, or 'identity'"
         )
     vae = _from_hub(AutoencoderKL, name)
-    return VAEAutoencoder(vae, name, device, scale_factor, precision)
+    return VAEAutoencoder(vae, name, device, scale_factor, precision, norm)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -163,3 +182,24 @@ def _is_offline_error(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+SD_VAE_GEOMETRY = (8, 4)  # the SD VAE's down-sampling and latent channels (stabilityai/sd-vae-ft-*)
+
+
+def autoencoder_geometry(name: str) -> tuple[int, int]:
+    """(down-sampling factor, latent channels) of an autoencoder without loading its weights where possible: a
+    folder's config.json, an LDM file's shapes; a Hugging Face id is taken for the SD VAE's."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        import json
+
+        config_file = path / "config.json" if (path / "config.json").is_file() else path / "vae" / "config.json"
+        config = json.loads(config_file.read_text())
+        return 2 ** (len(config["block_out_channels"]) - 1), int(config["latent_channels"])
+    if path.is_file():
+        from datasets.ldm_vae import ldm_architecture, read_ldm_state
+
+        config = ldm_architecture(read_ldm_state(path))
+        return 2 ** (len(config["block_out_channels"]) - 1), int(config["latent_channels"])
+    return SD_VAE_GEOMETRY

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import h5py
 import numpy as np
 
+from datasets.latent_norm import ChannelMoments
 from runtime.atomic_file import publish, temporary_name, write_text_atomic
 from datasets.latent_cache import (
     CLASS_NAMES,
@@ -149,7 +150,8 @@ def write_cache(
 
     `attrs` must hold source, autoencoder, scale_factor, image_size, latent_shape, precision,
     item_list_sha256, num_listed and image_root; format_version, num_items, num_classes,
-    num_skipped and complete are added here.
+    num_skipped, complete and the per-channel latent statistics (latent_mean, latent_std over every
+    item and both flips: datasets/latent_norm.py) are added here.
     """
     path = Path(path)
     num_items = len(labels)
@@ -162,11 +164,12 @@ def write_cache(
         with h5py.File(tmp, "w") as handle:
             # Contiguous and unfiltered on purpose: the reader memory-maps it (see latent_cache).
             moments = handle.create_dataset(MOMENTS, shape=shape, dtype=np.float16)
-            filled = 0
+            filled, statistics = 0, ChannelMoments()
             for block in blocks:
                 if len(block) == 0:
                     continue
                 moments[filled : filled + len(block)] = block
+                statistics.add(block)
                 filled += len(block)
             if filled != num_items:
                 raise ValueError(f"got moments for {filled} items, expected {num_items}")
@@ -181,6 +184,7 @@ def write_cache(
             handle.attrs["num_items"] = num_items
             handle.attrs["num_classes"] = len(class_names)
             handle.attrs["num_skipped"] = len(skipped_paths)
+            handle.attrs["latent_mean"], handle.attrs["latent_std"] = statistics.result()
             handle.attrs["complete"] = True
         publish(tmp, path)
     finally:

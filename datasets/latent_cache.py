@@ -2,8 +2,9 @@
 
 Each item stores the autoencoder's posterior mean and std for the image AND for its horizontal
 flip, in float16: `moments[i, flip, 0]` is the mean, `moments[i, flip, 1]` the std. Every read
-draws a flip and a fresh posterior sample, z = (mean + std * noise) * scale_factor (spec section 6),
-so caching freezes neither the augmentation nor the VAE sampling noise.
+draws a flip and a fresh posterior sample, z = mean + std * noise, normalised as the network sees it
+(datasets/latent_norm.py: the scale factor, or the cache's per-channel statistics), so caching freezes
+neither the augmentation nor the VAE sampling noise.
 
 Reads are batched (`__getitems__`, which torch's DataLoader calls with a whole batch of keys) and
 go through a read-only memory map of the contiguous `moments` dataset, so a batch is one numpy
@@ -19,6 +20,8 @@ import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from datasets.latent_norm import LatentNorm
 
 FORMAT_VERSION = 1
 
@@ -80,6 +83,8 @@ def read_cache_info(path: str | os.PathLike) -> dict:
             "item_list_sha256": str(attrs["item_list_sha256"]),
             "precision": str(attrs["precision"]),
             "image_root": str(attrs["image_root"]),
+            "latent_mean": [float(v) for v in attrs["latent_mean"]] if "latent_mean" in attrs else None,
+            "latent_std": [float(v) for v in attrs["latent_std"]] if "latent_std" in attrs else None,
         }
 
 
@@ -108,12 +113,14 @@ class LatentDataset(Dataset):
         random_flip: bool = True,
         in_memory: bool = False,
         indices: Sequence[int] | None = None,
+        norm: LatentNorm | None = None,
     ):
         self.path = str(path)
         self.info = read_cache_info(path)
         self.sample_posterior = bool(sample_posterior)
         self.random_flip = bool(random_flip)
         self.scale_factor = self.info["scale_factor"]
+        self.norm = norm if norm is not None else LatentNorm.scalar(self.scale_factor)
         self.latent_shape = self.info["latent_shape"]
         num_items = self.info["num_items"]
         if indices is None:
@@ -133,10 +140,11 @@ class LatentDataset(Dataset):
             self._pid = "in-memory"
 
     @classmethod
-    def from_config(cls, data) -> "LatentDataset":
-        """The training view of `data.cache_path` as the `data` config section sets it up."""
+    def from_config(cls, data, norm: LatentNorm | None = None) -> "LatentDataset":
+        """The training view of `data.cache_path` as the `data` config section sets it up, normalised by `norm`
+        (the cache's scale factor when None)."""
         return cls(data.cache_path, sample_posterior=data.sample_posterior, random_flip=data.random_flip,
-                   in_memory=data.in_memory)
+                   in_memory=data.in_memory, norm=norm)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -150,7 +158,7 @@ class LatentDataset(Dataset):
         moments = torch.from_numpy(self._take(positions, flips.numpy())).float()  # [B, 2 (mean, std), C, h, w]
         mean, std = moments[:, MEAN], moments[:, STD]
         latent = torch.addcmul(mean, std, noise) if noise is not None else mean.clone()
-        latent.mul_(self.scale_factor)
+        latent = self.norm.normalize(latent)
         labels = self.labels[torch.from_numpy(positions)]
         return list(zip(latent.unbind(0), labels.unbind(0)))
 

@@ -271,6 +271,13 @@ def _args_of(obj) -> dict:
     return {}
 
 
+def _transport_of(obj):
+    """The `transport` section of a LightningDiT train.py checkpoint's "config" (None for anything else)."""
+    config = obj.get("config") if isinstance(obj, Mapping) else None
+    transport = config.get("transport") if isinstance(config, Mapping) else None
+    return dict(transport) if isinstance(transport, Mapping) and "path_type" in transport else None
+
+
 def _flow_meta(path: str, prediction: str, convention: str, cfg: DictConfig, **extra) -> dict:
     process = FlowProcess(path, prediction, convention, extra.get("loss_weight") or "none",
                           float(extra.get("train_eps") if extra.get("train_eps") is not None else cfg.flow.train_eps),
@@ -288,6 +295,12 @@ def recognise(obj, cfg: DictConfig):
                           loss_weight=loss_weight, train_eps=args.get("train_eps"), sample_eps=args.get("sample_eps"))
         return Published(meta, source=f"a checkpoint of SiT's train.py ({args['path_type']}, "
                                       f"{args.get('prediction', 'velocity')}; data at t = 1)")
+    transport = _transport_of(obj)
+    if transport is not None:  # LightningDiT's train.py: SiT's transport settings in its config
+        path = SIT_PATHS.get(transport.get("path_type", "Linear"), cfg.flow.path)
+        meta = _flow_meta(path, transport.get("prediction", "velocity"), "sit", cfg,
+                          loss_weight=transport.get("loss_weight"))
+        return Published(meta, source=f"a checkpoint of LightningDiT's train.py ({path}; data at t = 1)")
     repa_args = "enc_type" in args or "proj_coeff" in args
     weights = extract_state_dict(obj) if isinstance(obj, Mapping) else {}
     has_projectors = any(k.startswith("projectors.") for k in weights)

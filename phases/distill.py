@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datasets.autoencoder import load_autoencoder
 from datasets.latent_cache import LatentDataset, read_cache_info
+from datasets.latent_norm import LatentNorm, autoencoder_entry, norm_from_cache
 from diffusion.continuous_schedule import ContinuousSchedule
 from diffusion.progressive_distillation import stage_step_counts
 from diffusion.schedule import get_beta_schedule
@@ -81,6 +82,7 @@ class Plan:
     extractor: object
     items: list
     schedule: ContinuousSchedule
+    norm: LatentNorm  # the teacher's latent normalisation (its checkpoint's, else the config's for the cache)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -111,7 +113,8 @@ def prepare(cfg: DictConfig) -> Plan:
     items, _ = holdout_split(cache["num_items"], cfg.data.holdout)
     stage_settings(cfg, 0, counts[0]).check(dist.world_size())
     schedule = ContinuousSchedule(get_beta_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps))
-    return Plan(counts, cache, teacher_path, loaded, guidance, identity, extractor, items, schedule)
+    norm = loaded.norm or norm_from_cache(cfg.autoencoder.normalization, cache, cfg.data.cache_path)
+    return Plan(counts, cache, teacher_path, loaded, guidance, identity, extractor, items, schedule, norm)
 
 
 def distil(cfg: DictConfig, plan: Plan) -> Path:
@@ -124,12 +127,12 @@ def distil(cfg: DictConfig, plan: Plan) -> Path:
     original_denoise = teacher_spec.teacher(teacher_net, loaded.model_args, cfg, guidance.all_channels)
     evaluator = None
     if dist.is_main():  # grids and MSEs are made on rank 0: load the autoencoder now, not after hours
-        autoencoder = load_autoencoder(cfg.autoencoder.name, device, scale_factor=float(plan.cache["scale_factor"]))
+        autoencoder = load_autoencoder(cfg.autoencoder.name, device, norm=plan.norm)
         size = loaded.model_args["input_size"]
         evaluator = StageEvaluator(cfg, plan.schedule, guidance.scale, autoencoder, classes, (channels, size, size),
                                    original_denoise, str(plan.teacher_path), device)
         record_config(cfg, "distill")
-    dataset = LatentDataset.from_config(cfg.data)
+    dataset = LatentDataset.from_config(cfg.data, plan.norm)
     info(
         f"distilling {loaded.model_args['name']} from {plan.teacher_path}: {dc.start_steps} teacher steps -> "
         f"{' -> '.join(map(str, plan.counts))} student steps, {dc.iters_per_stage} updates per stage"
@@ -140,7 +143,7 @@ def distil(cfg: DictConfig, plan: Plan) -> Path:
     teacher = Teacher(original_denoise, loaded.model_args, loaded.model.state_dict(), str(plan.teacher_path))
     base_metadata = {
         "method": "distill",
-        "autoencoder": {"name": plan.cache["autoencoder"], "scale_factor": float(plan.cache["scale_factor"])},
+        "autoencoder": autoencoder_entry(plan.cache, plan.norm),
         "image_size": int(plan.cache["image_size"]),
         "config": to_container(cfg),
     }

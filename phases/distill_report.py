@@ -97,7 +97,7 @@ class StageEvaluator:
         return metrics
 
     def images(self, latents: torch.Tensor) -> Image.Image:
-        pixels = self.autoencoder.decode(latents.to(self.device) / self.autoencoder.scale_factor)
+        pixels = self.autoencoder.decode_latents(latents.to(self.device))
         return grid_image(to_uint8(pixels), self.columns)
 
 

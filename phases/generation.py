@@ -16,6 +16,8 @@ from PIL import Image
 from omegaconf import DictConfig
 
 from datasets.autoencoder import load_autoencoder
+from datasets.latent_cache import read_cache_info
+from datasets.latent_norm import LatentNorm, norm_from_cache, norm_of_checkpoint, read_stats_file
 from diffusion.noise import per_row_noise
 from methods import registry, sampling
 from methods.sampling import checkpoint_meta, describe_sampler, generation_sampler
@@ -25,7 +27,7 @@ from runtime.checkpoint import load_checkpoint
 from runtime.config import sampler_settings
 from runtime.console import info
 from runtime.precision import autocast
-from runtime.model_spec import check_same_model, model_args_from_config
+from runtime.model_spec import check_cache_matches_config, check_same_model, model_args_from_config
 
 
 @dataclass
@@ -62,7 +64,7 @@ class Generator:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> pixels in [-1, 1] through the autoencoder."""
-        return self.autoencoder.decode(latents.float() / self.autoencoder.scale_factor)
+        return self.autoencoder.decode_latents(latents)
 
 
 def to_pil(image: torch.Tensor | np.ndarray) -> Image.Image:
@@ -86,6 +88,7 @@ class LoadedModel:
     scale_factor: float | None
     meta: dict  # the checkpoint's entries other than weights (method, distill, config, ...); {} if published
     weights: str = "EMA"  # which weights were loaded: "EMA" or "raw"
+    norm: LatentNorm | None = None  # how its latents are normalised (None: the autoencoder's scale factor)
 
 
 def load_model(cfg: DictConfig, ckpt_path: Path, use_ema: bool, sampler: str | None = None) -> LoadedModel:
@@ -109,6 +112,7 @@ def load_model(cfg: DictConfig, ckpt_path: Path, use_ema: bool, sampler: str | N
         check_same_model(state["model_args"], margs, str(ckpt_path))
         meta = checkpoint_meta(state, cfg, None).meta
         weights = "EMA" if use_ema and "ema" in state else "raw"
+        norm = norm_of_checkpoint(state["autoencoder"])
     else:
         owner = registry.sampler_owner(sampler) if sampler else registry.spec(registry.DEFAULT)
         try:
@@ -121,9 +125,30 @@ def load_model(cfg: DictConfig, ckpt_path: Path, use_ema: bool, sampler: str | N
         load_pretrained(model, ckpt_path, prefer_ema=use_ema, obj=state, drop_prefixes=published.drop)
         ae_name, scale, meta = cfg.autoencoder.name, cfg.autoencoder.scale_factor, published.meta
         weights = "EMA" if use_ema else "raw"
+        norm = published_norm(cfg)
         info(f"{ckpt_path}: read as {published.source}")
     del state
-    return LoadedModel(model, margs, ae_name, scale, meta, weights)
+    return LoadedModel(model, margs, ae_name, scale, meta, weights, norm)
+
+
+def published_norm(cfg: DictConfig) -> LatentNorm | None:
+    """The normalisation of a checkpoint without our metadata: the config's kind, with per-channel statistics from
+    the cache (data.cache_path, made with this autoencoder) or autoencoder.latent_stats; None for the scale
+    factor (the config's, else the autoencoder's own)."""
+    ac = cfg.autoencoder
+    if ac.normalization != "channel":
+        return None
+    if ac.latent_stats:
+        mean, std = read_stats_file(ac.latent_stats)
+        return LatentNorm.from_statistics(mean, std, 1.0 if ac.scale_factor is None else ac.scale_factor)
+    cache = Path(cfg.data.cache_path)
+    if not cache.is_file():
+        raise ValueError("autoencoder.normalization=channel needs per-channel latent statistics: set "
+                         "autoencoder.latent_stats=PATH (LightningDiT's latents_stats.pt) or data.cache_path to a "
+                         "cache extracted with this autoencoder")
+    info_ = read_cache_info(cache)
+    check_cache_matches_config(cfg, info_)
+    return norm_from_cache("channel", info_, str(cache))
 
 
 def load_generator(cfg: DictConfig, ckpt_path: Path, settings: DictConfig, use_ema: bool, device: torch.device) -> Generator:
@@ -134,7 +159,7 @@ def load_generator(cfg: DictConfig, ckpt_path: Path, settings: DictConfig, use_e
     model = loaded.model.to(device).eval()
     net = torch.compile(model) if settings.compile else model
     sample = generation_sampler(cfg, net, loaded.model_args, loaded.meta, settings)
-    autoencoder = load_autoencoder(loaded.autoencoder, device, scale_factor=loaded.scale_factor)
+    autoencoder = load_autoencoder(loaded.autoencoder, device, scale_factor=loaded.scale_factor, norm=loaded.norm)
     info(
         f"loaded {loaded.model_args['name']} from {ckpt_path} ({loaded.weights} weights); "
         f"sampler {describe_sampler(loaded.meta, settings, cfg)}, {settings.precision}"

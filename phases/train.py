@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from datasets.latent_cache import LatentDataset, read_cache_info
+from datasets.latent_norm import autoencoder_entry, norm_from_cache
 from methods import registry
 from methods.sampling import checkpoint_meta
 from models import create_model
@@ -64,6 +65,7 @@ def run(cfg: DictConfig) -> Path | None:
     spec = registry.training_spec(cfg)  # model.method, its config section checked now
     cache = read_cache_info(cfg.data.cache_path)
     check_cache_matches_config(cfg, cache)
+    norm = norm_from_cache(cfg.autoencoder.normalization, cache, cfg.data.cache_path)
     margs = spec.model_args(cfg, model_args_from_cache(cfg, cache))
     train_items, _ = holdout_split(cache["num_items"], cfg.data.holdout)
     settings = training_loop.LoopSettings.from_config(cfg.train, seed=cfg.seed, num_workers=cfg.data.num_workers,
@@ -77,7 +79,7 @@ def run(cfg: DictConfig) -> Path | None:
     model = create_model(**margs, grad_checkpointing=cfg.model.grad_checkpointing)
     initialise(cfg, spec, model)
     method = spec.build(cfg, model.to(device), device)
-    dataset = LatentDataset.from_config(cfg.data)
+    dataset = LatentDataset.from_config(cfg.data, norm)
     info(
         f"training {margs['name']} ({sum(p.numel() for p in model.parameters()):,} parameters, method "
         f"{cfg.model.method}) on {len(train_items)} items, latent {margs['in_channels']}x{margs['input_size']}x"
@@ -97,7 +99,7 @@ def run(cfg: DictConfig) -> Path | None:
         "method": spec.name,
         **spec.metadata(cfg),
         "model_args": margs,
-        "autoencoder": {"name": cache["autoencoder"], "scale_factor": float(cache["scale_factor"])},
+        "autoencoder": autoencoder_entry(cache, norm),
         "image_size": int(cache["image_size"]),
         "config": to_container(cfg),
     }
@@ -108,7 +110,7 @@ def run(cfg: DictConfig) -> Path | None:
         try:
             periodic = [training_loop.Periodic(cfg.train.eval_every if cfg.data.holdout else 0, validate)]
             if cfg.train.sample_every:
-                grids = TrainingGrids(cfg, margs, metadata, float(cache["scale_factor"]), log)
+                grids = TrainingGrids(cfg, margs, metadata, norm, log)
                 periodic.append(training_loop.Periodic(cfg.train.sample_every, grids, at_end=False))
             if cfg.train.fid_every:
                 periodic.append(training_loop.Periodic(cfg.train.fid_every, checkpoint_fid(cfg)))

@@ -26,7 +26,7 @@ from runtime.console import MetricsLog
 class TrainingGrids:
     """The periodic hook: __call__(step, model, ema) writes the step's grid (rank 0) and returns {}."""
 
-    def __init__(self, cfg: DictConfig, model_args: dict, metadata: dict, scale_factor: float, log: MetricsLog):
+    def __init__(self, cfg: DictConfig, model_args: dict, metadata: dict, norm, log: MetricsLog):
         tc = cfg.train
         self.settings = sampler_settings(cfg, "sample")  # the cfg scale, channels, interval and shift of `sample`
         self.settings.update({"sampler": tc.sample_sampler, "steps": tc.sample_steps, "eta": 0.0,
@@ -45,7 +45,7 @@ class TrainingGrids:
         self.folder = Path(cfg.experiment_dir) / "samples" / "train"
         self.autoencoder = None
         if dist.is_main():  # loaded now: an autoencoder that cannot be loaded stops the run before training
-            self.autoencoder = load_autoencoder(cfg.autoencoder.name, dist.device(), scale_factor=scale_factor)
+            self.autoencoder = load_autoencoder(cfg.autoencoder.name, dist.device(), norm=norm)
 
     def __call__(self, step: int, model: torch.nn.Module, ema: torch.nn.Module | None) -> dict:
         if not dist.is_main():

@@ -63,6 +63,10 @@ class DataConfig:
 class AutoencoderConfig:
     name: str = "stabilityai/sd-vae-ft-ema"  # a Hugging Face id, a local folder, or "identity"
     scale_factor: Optional[float] = None  # None: from the autoencoder's own config
+    normalization: str = "scale"  # scale: latents x scale_factor | channel: (z - mean_c) / std_c x scale_factor
+    #                                (the cache's per-channel statistics; LightningDiT on VA-VAE)
+    latent_stats: Optional[str] = None  # channel, sampling without a cache: a file with per-channel mean/std
+    #                                     (LightningDiT's latents_stats.pt)
 
 
 @dataclass
@@ -248,6 +252,7 @@ _CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "data.source": ("folder", "digits"),
     "model.init_mode": ("strict", "resize"),
+    "autoencoder.normalization": ("scale", "channel"),
     "model.method": registry.trainable_names(),
 }
 AT_LEAST_ONE = (lambda v: v >= 1, "it must be at least 1")

@@ -2,17 +2,15 @@
 
 Training: the latent size and channels come from the cache's attributes; the config's image
 size and autoencoder must agree with the cache. Sampling: our checkpoints carry their own
-`model_args`; a published DiT checkpoint (a bare state dict) takes them from the cache if
-there is one, else from the config (SD VAE: 8x down-sampling, 4 channels).
+`model_args`; a published checkpoint (a bare state dict) takes them from the cache if there is
+one, else from the config and the autoencoder's geometry (SD VAE: 8x down-sampling, 4 channels;
+a local folder or LDM file: read off it).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from omegaconf import DictConfig
-
-VAE_DOWNSAMPLE = 8
-VAE_CHANNELS = 4
 
 
 def check_cache_matches_config(cfg: DictConfig, info: dict) -> None:
@@ -104,9 +102,13 @@ def _geometry_from_config(cfg: DictConfig) -> dict:
             return model_args_from_cache(cfg, info)
     if cfg.autoencoder.name == "identity":
         return model_args(cfg, input_size=cfg.data.image_size, in_channels=3)
-    if cfg.data.image_size % VAE_DOWNSAMPLE:
-        raise ValueError(f"data.image_size={cfg.data.image_size} is not a multiple of {VAE_DOWNSAMPLE}")
-    return model_args(cfg, input_size=cfg.data.image_size // VAE_DOWNSAMPLE, in_channels=VAE_CHANNELS)
+    from datasets.autoencoder import autoencoder_geometry
+
+    downsample, channels = autoencoder_geometry(str(cfg.autoencoder.name))
+    if cfg.data.image_size % downsample:
+        raise ValueError(f"data.image_size={cfg.data.image_size} is not a multiple of the autoencoder's "
+                         f"down-sampling {downsample}")
+    return model_args(cfg, input_size=cfg.data.image_size // downsample, in_channels=channels)
 
 
 def check_same_model(stored: dict, current: dict, source: str) -> None:

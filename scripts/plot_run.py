@@ -62,7 +62,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     panels = [("training loss", "step", "loss"), ("validation loss (held-out items)", "step", "val_loss"),
-              ("eps-MSE per timestep bucket (last log)", "timestep t", None), ("FID", "step", None),
+              ("MSE per time bucket (last log; eps for diffusion, the prediction for flow)", "timestep t", None), ("FID", "step", None),
               ("throughput", "step", "img/s")]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     axes = axes.flatten()

@@ -10,7 +10,7 @@ A panel is "[CONFIG@]SAMPLER:STEPS [a.b=value ...]": the latest checkpoint of th
 ckpt=...) sampled through the generation path of `sample` (sample.classes x sample.per_class, image i
 from seed + i, the config's cfg scale and precision), so panels of one run differ only in the sampler;
 the panel's own overrides (e.g. flow.ode_solver=heun) apply to it alone. Each panel's title has the
-sampler, the steps, the values of its own overrides and the seconds it took (decoding included); the
+sampler, the steps, the values of its own overrides (not paths) and the seconds it took (decoding included); the
 same numbers are printed as "<title>: <seconds> s, <img/s> img/s". Overrides after the options apply
 to every panel.
 
@@ -39,6 +39,9 @@ from methods.sampling import sampled_checkpoint  # noqa: E402
 from runtime.config import load_config, sampler_settings  # noqa: E402
 
 
+UNTITLED = ("experiment_dir", "ckpt")  # panel overrides whose values (paths) stay out of the titles
+
+
 def parse_panel(spec: str, default_config: str) -> tuple[str, str, int, list[str]]:
     """"[CONFIG@]SAMPLER:STEPS [a.b=value ...]" -> (config, sampler, steps, the panel's overrides)."""
     head, *overrides = spec.split()
@@ -62,7 +65,8 @@ def panel(config: str, sampler: str, steps: int, own: list[str], overrides: list
                         for i in range(0, len(labels), cfg.sample.batch_size)])
     seconds = time.perf_counter() - start
     columns = cfg.sample.per_class if cfg.sample.per_class > 1 else math.ceil(math.sqrt(len(labels)))
-    title = " ".join([f"{sampler} {steps}" if steps else sampler, *(o.split("=", 1)[1] for o in own)])
+    shown = [o.split("=", 1)[1] for o in own if o.split("=", 1)[0] not in UNTITLED]
+    title = " ".join([f"{sampler} {steps}" if steps else sampler, *shown])
     return f"{title} ({seconds:.1f} s)", grid_image(images, columns), seconds, len(labels)
 
 

@@ -71,6 +71,11 @@ def test_shipped_configs_load(path):
     if "imagenet_256" in str(path) and path.name != "base.yaml" and cfg.model.method == "ddgan":
         assert cfg.train.batch_size == 256 and cfg.train.lr == 1.6e-4 and cfg.ddgan.lr_d == 1.25e-4  # the release's
         assert list(cfg.train.betas) == [0.5, 0.9] and cfg.ddgan.num_steps == 4 and cfg.sample.sampler == "ddgan"
+    elif path.name == "lightningdit_xl1_vavae.yaml":  # the release's 64-epoch recipe
+        assert cfg.train.batch_size == 1024 and cfg.train.lr == 2e-4 and list(cfg.train.betas) == [0.9, 0.95]
+        assert (cfg.flow.time_sampling, cfg.flow.cosine_loss, cfg.flow.convention) == ("logit_normal", 1.0, "sit")
+        assert cfg.autoencoder.normalization == "channel" and not cfg.model.learn_sigma
+        assert sampler_settings(cfg, "inference").steps == 249 and sampler_settings(cfg, "inference").cfg_scale == 10.0
     elif "imagenet_256" in str(path) and path.name != "base.yaml":
         assert cfg.train.batch_size == 256 and cfg.train.lr == 1e-4 and cfg.train.ema_decay == 0.9999
         assert cfg.model.class_dropout_prob == 0.1 and cfg.model.learn_sigma
