@@ -22,6 +22,7 @@ from runtime.atomic_file import publish, temporary_name, write_text_atomic
 from datasets.latent_cache import (
     CLASS_NAMES,
     FORMAT_VERSION,
+    IMAGES,
     LABELS,
     MOMENTS,
     PATHS,
@@ -32,6 +33,7 @@ from datasets.latent_cache import (
 MANIFEST = "manifest.json"
 PART_ERRORS = "errors"  # utf-8 strings [n] in a part file: "" when the item was encoded, else why not
 _STRINGS = h5py.string_dtype("utf-8")
+_BYTES = h5py.vlen_dtype(np.uint8)  # an encoded image per row
 
 
 def item_list_sha256(source: str, paths: Sequence[str], labels: Sequence[int]) -> str:
@@ -105,15 +107,20 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def write_part(path: Path, moments: np.ndarray, errors: Sequence[str], first_item: int) -> None:
-    """One finished part: moments float16 [n,2,2,C,h,w] (zeros where errors[i] != "")."""
-    if len(moments) != len(errors):
+def write_part(path: Path, moments: np.ndarray | None, errors: Sequence[str], first_item: int,
+               images: Sequence[np.ndarray] | None = None) -> None:
+    """One finished part: moments float16 [n,2,2,C,h,w] (zeros where errors[i] != "") and/or the items' encoded
+    images (datasets/image_codec.py; empty where errors[i] != "")."""
+    if moments is not None and len(moments) != len(errors):
         raise ValueError(f"{len(moments)} moments for {len(errors)} items")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     try:
         with h5py.File(tmp, "w") as handle:
-            handle.create_dataset(MOMENTS, data=np.asarray(moments, dtype=np.float16))
+            if moments is not None:
+                handle.create_dataset(MOMENTS, data=np.asarray(moments, dtype=np.float16))
+            if images is not None:
+                write_images(handle, IMAGES, images)
             handle.create_dataset(PART_ERRORS, data=np.array(list(errors), dtype=object), dtype=_STRINGS)
             handle.attrs["first_item"] = int(first_item)
         publish(tmp, path)
@@ -133,6 +140,18 @@ def read_part_moments(path: Path) -> np.ndarray:
         return handle[MOMENTS][()]
 
 
+def read_part_images(path: Path) -> list[np.ndarray]:
+    with h5py.File(path, "r") as handle:
+        return list(handle[IMAGES][()])
+
+
+def write_images(handle, name: str, images: Sequence[np.ndarray]) -> None:
+    """A variable-length uint8 dataset of encoded images, one row per item."""
+    dataset = handle.create_dataset(name, shape=(len(images),), dtype=_BYTES)
+    for i, data in enumerate(images):
+        dataset[i] = np.asarray(data, dtype=np.uint8)
+
+
 # ---- the final file ----------------------------------------------------------------------------
 
 
@@ -145,6 +164,7 @@ def write_cache(
     attrs: dict,
     skipped_paths: Sequence[str] = (),
     skipped_reasons: Sequence[str] = (),
+    images: Iterable[Sequence[np.ndarray]] | None = None,
 ) -> None:
     """Write a finished cache atomically: `blocks` are consecutive float16 [n,2,2,C,h,w] slices.
 
@@ -173,6 +193,15 @@ def write_cache(
                 filled += len(block)
             if filled != num_items:
                 raise ValueError(f"got moments for {filled} items, expected {num_items}")
+            if images is not None:  # streamed block by block: ImageNet's crops do not fit in memory
+                stored = handle.create_dataset(IMAGES, shape=(num_items,), dtype=_BYTES)
+                row = 0
+                for block in images:
+                    for data in block:
+                        stored[row] = np.asarray(data, dtype=np.uint8)
+                        row += 1
+                if row != num_items:
+                    raise ValueError(f"got images for {row} items, expected {num_items}")
             handle.create_dataset(LABELS, data=np.asarray(labels, dtype=np.int64))
             handle.create_dataset(PATHS, data=_strings(paths), dtype=_STRINGS)
             handle.create_dataset(CLASS_NAMES, data=_strings(class_names), dtype=_STRINGS)
@@ -221,6 +250,12 @@ def assemble_parts(
             items = part_range(part, part_size, listed)
             yield read_part_moments(part_path(folder, part))[keep[items.start : items.stop]]
 
+    def image_blocks():
+        for part in range(num_parts(part_size, listed)):
+            items = part_range(part, part_size, listed)
+            data = read_part_images(part_path(folder, part))
+            yield [d for d, kept in zip(data, keep[items.start : items.stop]) if kept]
+
     kept = np.flatnonzero(keep)
     write_cache(
         cache_path,
@@ -231,6 +266,7 @@ def assemble_parts(
         attrs=attrs,
         skipped_paths=[p for p, _ in skipped],
         skipped_reasons=[r for _, r in skipped],
+        images=image_blocks() if attrs.get("store_images", "none") != "none" else None,
     )
     return len(kept), skipped
 

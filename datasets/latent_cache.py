@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datasets.image_codec import decode_image
 from datasets.latent_norm import LatentNorm
 
 FORMAT_VERSION = 1
@@ -32,6 +33,7 @@ PATHS = "paths"  # utf-8 strings [N], relative to the image root ("class/file.JP
 CLASS_NAMES = "class_names"  # utf-8 strings [num_classes], label order
 SKIPPED_PATHS = "skipped_paths"  # utf-8 strings [K]: listed files that could not be decoded
 SKIPPED_REASONS = "skipped_reasons"  # utf-8 strings [K]: why
+IMAGES = "images"  # variable-length uint8 [N]: each item's encoded crop (extract.store_images), optional
 
 FLIP_NONE, FLIP_HORIZONTAL = 0, 1  # axis 1 of MOMENTS
 MEAN, STD = 0, 1  # axis 2 of MOMENTS
@@ -85,6 +87,7 @@ def read_cache_info(path: str | os.PathLike) -> dict:
             "image_root": str(attrs["image_root"]),
             "latent_mean": [float(v) for v in attrs["latent_mean"]] if "latent_mean" in attrs else None,
             "latent_std": [float(v) for v in attrs["latent_std"]] if "latent_std" in attrs else None,
+            "image_format": str(attrs["store_images"]) if IMAGES in handle else None,
         }
 
 
@@ -93,7 +96,8 @@ def _text(value) -> str:
 
 
 class LatentDataset(Dataset):
-    """Cached latents -> (latent float32 [C,h,w], label int64 tensor).
+    """Cached latents -> (latent float32 [C,h,w], label int64 tensor), and with `images` also the item's stored
+    crop uint8 [3 or 1, H, W] with the latent's flip (decoded here, in the DataLoader workers).
 
     Keys: an int index draws the flip and the posterior noise from torch's global RNG; a tuple
     (index, draw_seed) draws them from torch.Generator().manual_seed(draw_seed) -- first the flip
@@ -114,6 +118,7 @@ class LatentDataset(Dataset):
         in_memory: bool = False,
         indices: Sequence[int] | None = None,
         norm: LatentNorm | None = None,
+        images: bool = False,
     ):
         self.path = str(path)
         self.info = read_cache_info(path)
@@ -121,6 +126,12 @@ class LatentDataset(Dataset):
         self.random_flip = bool(random_flip)
         self.scale_factor = self.info["scale_factor"]
         self.norm = norm if norm is not None else LatentNorm.scalar(self.scale_factor)
+        if images and self.info["image_format"] is None:
+            raise ValueError(f"the cache {path} holds no images, which representation alignment needs: add them "
+                             "with `python main.py -c CONFIG -p extract extract.store_images=jpeg` (the latents are "
+                             "kept, only the images are read and added)")
+        self.with_images = bool(images)
+        self._image_rows = None
         self.latent_shape = self.info["latent_shape"]
         num_items = self.info["num_items"]
         if indices is None:
@@ -140,11 +151,11 @@ class LatentDataset(Dataset):
             self._pid = "in-memory"
 
     @classmethod
-    def from_config(cls, data, norm: LatentNorm | None = None) -> "LatentDataset":
+    def from_config(cls, data, norm: LatentNorm | None = None, images: bool = False) -> "LatentDataset":
         """The training view of `data.cache_path` as the `data` config section sets it up, normalised by `norm`
-        (the cache's scale factor when None)."""
+        (the cache's scale factor when None), with the stored crops when `images`."""
         return cls(data.cache_path, sample_posterior=data.sample_posterior, random_flip=data.random_flip,
-                   in_memory=data.in_memory, norm=norm)
+                   in_memory=data.in_memory, norm=norm, images=images)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -160,7 +171,22 @@ class LatentDataset(Dataset):
         latent = torch.addcmul(mean, std, noise) if noise is not None else mean.clone()
         latent = self.norm.normalize(latent)
         labels = self.labels[torch.from_numpy(positions)]
+        if self.with_images:
+            return list(zip(latent.unbind(0), labels.unbind(0), self._crops(positions, flips.numpy())))
         return list(zip(latent.unbind(0), labels.unbind(0)))
+
+    def _crops(self, positions: np.ndarray, flips: np.ndarray) -> list[torch.Tensor]:
+        """The stored crop of each row, flipped horizontally where its latent is the flip's."""
+        if self._image_rows is None or self._image_rows[1] != os.getpid():
+            self._image_rows = (h5py.File(self.path, "r")[IMAGES], os.getpid())
+        rows = positions if self.items is None else self.items[positions]
+        unique, inverse = np.unique(rows, return_inverse=True)
+        encoded = self._image_rows[0][unique]
+        crops = []
+        for j, row in enumerate(inverse):
+            pixels = decode_image(encoded[row])
+            crops.append(torch.from_numpy(np.array(pixels[..., ::-1] if flips[j] else pixels)))
+        return crops
 
     def _draw(self, keys: list) -> tuple[np.ndarray, torch.Tensor, torch.Tensor | None]:
         """Positions, flips [B] and posterior noise [B,C,h,w] (None without posterior sampling)."""
@@ -232,6 +258,7 @@ class LatentDataset(Dataset):
         state = self.__dict__.copy()
         if state["_pid"] != "in-memory":
             state.update(_array=None, _file=None, _pid=None)
+        state["_image_rows"] = None
         return state
 
 

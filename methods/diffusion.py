@@ -47,6 +47,12 @@ class DiffusionMethod(SingleNetwork):
         loss = terms["loss"].float().mean()
         return loss, {"loss": loss.detach(), "mse": terms["mse"].detach().float().mean()}
 
+    def time_key(self, t: torch.Tensor) -> torch.Tensor:
+        """The network's timestep as a bucket key in thousandths of the chain (step k of 1000 -> k; for the
+        per-time log of representation alignment)."""
+        steps = self.diffusion.num_timesteps
+        return (t.long() * 1000 // steps).clamp(0, 999)
+
     def log_metrics(self) -> dict:
         """Mean eps-MSE per timestep bucket since the last call, over all ranks (then reset)."""
         return self.buckets.report("mse") if self.buckets is not None else {}
@@ -156,6 +162,7 @@ SPEC = MethodSpec(
     flops_per_image=flops_per_image,
     validation_loss=validation_loss,
     check_config=check_config,
+    alignable=True,
     read_bare=lambda state, cfg: Published({}, source="a DiT checkpoint without metadata (diffusion.* from the config)"),
     teacher=eps_teacher,
 )

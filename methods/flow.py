@@ -113,6 +113,11 @@ class FlowMethod(SingleNetwork):
             self.buckets.add((BUCKET_SCALE * t).long().clamp(max=BUCKET_SCALE - 1), per_sample.detach())
         return loss, {"loss": loss.detach(), **metrics}
 
+    def time_key(self, t_network: torch.Tensor) -> torch.Tensor:
+        """The network's time as a bucket key in thousandths of our t (1000 = noise)."""
+        t = t_network if self.process.convention == "repa" else 1.0 - t_network
+        return (BUCKET_SCALE * t.double()).long().clamp(0, BUCKET_SCALE - 1)
+
     def log_metrics(self) -> dict:
         """Mean loss per range of t since the last call, over all ranks (then reset)."""
         return self.buckets.report("mse") if self.buckets is not None else {}
@@ -363,6 +368,7 @@ SPEC = MethodSpec(
     describe_sampler=describe_sampler,
     time_shift=True,
     guide_all_channels=True,
+    alignable=True,
     model_args=model_args,
     build=build,
     metadata=metadata,

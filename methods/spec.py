@@ -43,6 +43,8 @@ class MethodSpec:
       cfg_interval        sample.cfg_interval can be honoured (guidance limited to a range of time)
       time_shift          sample.time_shift can be honoured (a shifted sampling grid)
       guide_all_channels  the default of sample.cfg_all_channels (None in the config)
+      alignable           representation alignment (repa.enabled) can be added to its training: it denoises
+                          with one network call per loss, and its method has time_key(network time) -> bucket
     Training (None for a method `-p train` cannot run):
       model_args          (cfg, margs) -> the DiT arguments of the method's network
       build               (cfg, model, device) -> the Method (methods/base.py) the loop trains
@@ -76,6 +78,7 @@ class MethodSpec:
     cfg_interval: bool = True
     time_shift: bool = False
     guide_all_channels: bool = False
+    alignable: bool = False
     model_args: Optional[Callable] = None
     build: Optional[Callable] = None
     metadata: Optional[Callable] = None

@@ -14,6 +14,7 @@ from typing import Callable
 from torch import nn
 
 from models.conditioning import Conditioned, GuidanceEmbedder, LatentCodeEmbedder
+from models.projector import Aligned
 from models.dit import DiT
 from models.lightningdit import LightningDiT
 
@@ -99,10 +100,12 @@ def create_model(
     guidance_embedding: bool = False,
     z_dim: int = 0,
     extra_in_channels: int = 0,
+    alignment: dict | None = None,
     **switches,
 ) -> nn.Module:
     """Build the registered model `name` for latents of shape [in_channels, input_size, input_size], wrapped
-    with a guidance-scale embedding (distilled students) or a latent-code embedding (DDGAN) when asked."""
+    with a guidance-scale embedding (distilled students) or a latent-code embedding (DDGAN) when asked, and
+    with REPA's projector when `alignment` ({depth, projector_dim, feature_dim}) is given."""
     family = family_of(name)
     patch_size = family.models[name].keywords["patch_size"]
     if input_size < 1 or input_size % patch_size:
@@ -136,4 +139,5 @@ def create_model(
         embedders["s"] = GuidanceEmbedder(backbone.hidden_size)
     if z_dim > 0:
         embedders["z"] = LatentCodeEmbedder(z_dim, backbone.hidden_size)
-    return Conditioned(backbone, **embedders) if embedders else backbone
+    model = Conditioned(backbone, **embedders) if embedders else backbone
+    return Aligned(model, **alignment) if alignment else model

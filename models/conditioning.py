@@ -70,27 +70,43 @@ def _flat_state_dict(module, state_dict, prefix, local_metadata) -> None:
 
 
 def _nest_state_dict(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-    """load_state_dict pre-hook: keys that are not the wrapper's own embedders' go to the backbone."""
-    own = tuple(prefix + name + "." for name in module.embedder_names)
+    """load_state_dict pre-hook: keys that are not the wrapper's own modules' go to the backbone."""
+    own = tuple(prefix + name + "." for name in module.own_names)
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(own)]:
         state_dict[prefix + BACKBONE + key[len(prefix):]] = state_dict.pop(key)
 
 
-class Conditioned(nn.Module):
+class FlatWrapper(nn.Module):
+    """A backbone with modules of its own beside it (`own_names`), whose state dict is the backbone's keys as they
+    are plus its own; attributes it does not have are the backbone's."""
+
+    own_names: tuple = ()
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.register_state_dict_post_hook(_flat_state_dict)
+        self.register_load_state_dict_pre_hook(_nest_state_dict)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("backbone"), name)
+
+
+class Conditioned(FlatWrapper):
     """backbone(x, t, y, cond = sum of the embedded extra inputs); forward(x, t, y, s=..., z=...)."""
 
     def __init__(self, backbone: nn.Module, **embedders: nn.Module):
-        super().__init__()
+        super().__init__(backbone)
         unknown = [name for name in embedders if name not in INPUTS]
         if unknown:
             raise ValueError(f"unknown conditioning inputs {unknown}; known: {', '.join(INPUTS)}")
-        self.backbone = backbone
         self.inputs = tuple(embedders)
-        self.embedder_names = tuple(INPUTS[name][0] for name in embedders)
+        self.own_names = tuple(INPUTS[name][0] for name in embedders)
         for name, embedder in embedders.items():
             setattr(self, INPUTS[name][0], embedder)
-        self.register_state_dict_post_hook(_flat_state_dict)
-        self.register_load_state_dict_pre_hook(_nest_state_dict)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, feature_depths: tuple = (), **extra):
         given = {name for name, value in extra.items() if value is not None}
@@ -101,9 +117,3 @@ class Conditioned(nn.Module):
                                  f"(this model takes: {', '.join(self.inputs) or 'none'})")
         cond = sum(getattr(self, INPUTS[name][0])(extra[name]) for name in self.inputs)
         return self.backbone(x, t, y, cond=cond, feature_depths=feature_depths)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("backbone"), name)

@@ -39,8 +39,10 @@ from datasets.cache_writer import (
     write_part,
 )
 from datasets.digits import DigitsSource
+from datasets.image_codec import encode_image
 from datasets.image_folder import ImageFolderSource
 from datasets.latent_cache import FORMAT_VERSION, parts_folder, read_cache_info
+from phases.cache_images import add_images, image_settings
 from runtime import distributed as dist
 from runtime.atomic_file import remove_stale_temporaries
 from runtime.preemption import Preempted, StopSignals
@@ -64,6 +66,9 @@ def run(cfg: DictConfig) -> Path:
     with RunLock.for_file(cache_path, "data.cache_path"):  # one extraction per cache, for its whole life
         finished = _on_main(lambda: _finished_items(cache_path, folder, expected_settings(cfg, source, fingerprint)))
         if finished is not None:
+            if cfg.extract.store_images != "none" and _on_main(lambda: read_cache_info(cache_path)["image_format"]) is None:
+                add_images(cfg, source, cache_path)  # the latents stay; only the crops are read and added
+                return cache_path
             info(f"latent cache {cache_path} is already complete ({finished} items): nothing to do")
             return cache_path
         ae = load_autoencoder(cfg.autoencoder.name, dist.device(), cfg.autoencoder.scale_factor, cfg.extract.precision)
@@ -86,7 +91,7 @@ def _extract(cfg: DictConfig, source, ae, cache_path: Path, folder: Path, settin
         f"({settings['precision']}) into {cache_path}: latent {tuple(settings['latent_shape'])} x 2 flips, "
         f"{dist.world_size()} process(es), {done} already done"
     )
-    _encode_parts(cfg, source, ae, folder, part_size, mine, settings["latent_shape"])
+    _encode_parts(cfg, source, ae, folder, part_size, mine, settings["latent_shape"])  # (+ the crops, if stored)
 
     dist.barrier()
     _on_main(lambda: _assemble(cfg, source, cache_path, folder, settings, part_size))
@@ -114,6 +119,7 @@ def expected_settings(cfg: DictConfig, source, fingerprint: str, ae=None) -> dic
         "item_list_sha256": fingerprint,
         "num_listed": len(source),
     }
+    settings.update(image_settings(cfg))
     if ae is not None:
         settings["scale_factor"] = float(ae.scale_factor)
         settings["latent_shape"] = latent_shape(ae, source.channels, int(cfg.data.image_size))
@@ -166,9 +172,10 @@ def _encode_parts(cfg, source, ae, folder: Path, part_size: int, parts: list[int
         file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
     )
     loaded = iter(loader)
+    store = (cfg.extract.store_images, cfg.extract.jpeg_quality)
     with StopSignals() as signals:
         for part in parts:
-            _encode_part(source, ae, folder, part, part_size, shape, batch_size, loaded, bar, device)
+            _encode_part(source, ae, folder, part, part_size, shape, batch_size, loaded, bar, device, store)
             if signals.received:  # each rank stops at its next part: finished parts are kept
                 bar.close()
                 raise Preempted(f"stopped on {signals.name} with the finished parts kept in {folder}; re-run the "
@@ -176,11 +183,14 @@ def _encode_parts(cfg, source, ae, folder: Path, part_size: int, parts: list[int
     bar.close()
 
 
-def _encode_part(source, ae, folder: Path, part: int, part_size: int, shape, batch_size: int, loaded, bar, device) -> None:
-    """Encode one part from the loader and write it (its file is the durable progress mark)."""
+def _encode_part(source, ae, folder: Path, part: int, part_size: int, shape, batch_size: int, loaded, bar, device,
+                 store: tuple) -> None:
+    """Encode one part from the loader and write it (its file is the durable progress mark); with
+    store = (format, quality) not ("none", _) also the encoded crops."""
     items = part_range(part, part_size, len(source))
     moments = np.zeros((len(items), 2, 2, *shape), dtype=np.float16)
     errors = [""] * len(items)
+    crops = [np.zeros(0, np.uint8)] * len(items) if store[0] != "none" else None
     for _ in range(0, len(items), batch_size):
         indices, images, batch_errors = next(loaded)
         offsets = indices.numpy() - items.start
@@ -192,8 +202,11 @@ def _encode_part(source, ae, folder: Path, part: int, part_size: int, shape, bat
         if ok:
             pixels = images[ok].to(device, non_blocking=True).float() / 127.5 - 1.0  # ToTensor + Normalize(0.5, 0.5)
             moments[offsets[ok]] = encode_both_flips(ae, pixels).cpu().numpy()
+            if crops is not None:
+                for j in ok:
+                    crops[offsets[j]] = encode_image(images[j].numpy(), *store)
         bar.update(len(indices))
-    write_part(part_path(folder, part), moments, errors, items.start)
+    write_part(part_path(folder, part), moments, errors, items.start, images=crops)
 
 
 def _finished_items(cache_path: Path, folder: Path, expected: dict) -> int | None:

@@ -107,9 +107,11 @@ def load_model(cfg: DictConfig, ckpt_path: Path, use_ema: bool, sampler: str | N
             )
         if ae_name != "identity":
             ae_name = cfg.autoencoder.name  # the SD-VAE decoders (ema/mse) are interchangeable (DiT README)
-        model = create_model(**margs)
-        model.load_state_dict(extract_state_dict(state, prefer_ema=use_ema))
         check_same_model(state["model_args"], margs, str(ckpt_path))
+        margs.pop("alignment", None)  # REPA's projector trains with the model; generating needs the backbone only
+        model = create_model(**margs)
+        weights_found = extract_state_dict(state, prefer_ema=use_ema)
+        model.load_state_dict({k: v for k, v in weights_found.items() if not k.startswith("projectors.")})
         meta = checkpoint_meta(state, cfg, None).meta
         weights = "EMA" if use_ema and "ema" in state else "raw"
         norm = norm_of_checkpoint(state["autoencoder"])

@@ -12,10 +12,11 @@ from omegaconf import DictConfig
 
 from datasets.latent_cache import LatentDataset, read_cache_info
 from datasets.latent_norm import autoencoder_entry, norm_from_cache
-from methods import registry
+from methods import alignment, registry
 from methods.sampling import checkpoint_meta
 from models import create_model
-from models.pretrained import load_pretrained
+from models.pretrained import extract_state_dict, load_pretrained
+from models.projector import Aligned
 from phases import fid_sweep
 from phases.scoring import load_evaluator
 from phases.training_grids import TrainingGrids
@@ -50,9 +51,14 @@ def initialise(cfg: DictConfig, spec, model) -> None:
     obj = load_checkpoint(cfg.model.init_from)
     published = checkpoint_meta(obj, cfg, spec)
     spec.check_init(published.meta, cfg)
-    used = load_pretrained(model, cfg.model.init_from, prefer_ema=True, obj=obj, mode=cfg.model.init_mode,
-                           drop_prefixes=published.drop)
-    info(f"initialised from {cfg.model.init_from} ({used})")
+    target, drop = model, tuple(published.drop) + ("projectors.",)
+    if isinstance(model, Aligned):  # REPA's projector continues from the file when it has one
+        has_projector = any(k.startswith("projectors.") for k in extract_state_dict(obj, prefer_ema=True))
+        target, drop = (model, ()) if has_projector else (model.backbone, drop)
+    used = load_pretrained(target, cfg.model.init_from, prefer_ema=True, obj=obj, mode=cfg.model.init_mode,
+                           drop_prefixes=drop)
+    fresh = " (a new projector)" if target is not model else ""
+    info(f"initialised from {cfg.model.init_from} ({used}){fresh}")
 
 
 def run(cfg: DictConfig) -> Path | None:
@@ -68,8 +74,14 @@ def run(cfg: DictConfig) -> Path | None:
     norm = norm_from_cache(cfg.autoencoder.normalization, cache, cfg.data.cache_path)
     margs = spec.model_args(cfg, model_args_from_cache(cfg, cache))
     train_items, _ = holdout_split(cache["num_items"], cfg.data.holdout)
+    encoder = None
+    if cfg.repa.enabled:  # the encoder is loaded now: a missing or mismatched file stops the run here
+        margs, encoder = alignment.prepare(cfg, spec, margs, cache, device)
+    flops = spec.flops_per_image(cfg, margs)
+    if encoder is not None and flops:
+        flops += alignment.flops_per_image(margs, encoder, int(cache["image_size"]))
     settings = training_loop.LoopSettings.from_config(cfg.train, seed=cfg.seed, num_workers=cfg.data.num_workers,
-                                                      flops_per_image=spec.flops_per_image(cfg, margs))
+                                                      flops_per_image=flops)
     settings.check(dist.world_size())
     if cfg.train.eval_every and cfg.data.holdout and spec.validation_loss is None:
         raise ConfigError(f"train.eval_every: model.method={cfg.model.method} has no validation loss; set "
@@ -79,7 +91,14 @@ def run(cfg: DictConfig) -> Path | None:
     model = create_model(**margs, grad_checkpointing=cfg.model.grad_checkpointing)
     initialise(cfg, spec, model)
     method = spec.build(cfg, model.to(device), device)
-    dataset = LatentDataset.from_config(cfg.data, norm)
+    dataset = LatentDataset.from_config(cfg.data, norm)  # validation and grids: the latents alone
+    train_data = dataset
+    if encoder is not None:
+        method = alignment.AlignedMethod(method, encoder, cfg.repa.weight, cfg.train.loss_buckets)
+        train_data = LatentDataset.from_config(cfg.data, norm, images=True)
+        a = margs["alignment"]
+        info(f"representation alignment: block {a['depth']} -> {cfg.repa.encoder} tokens ({a['feature_dim']} "
+             f"channels), weight {cfg.repa.weight}, crops {cache['image_format']}")
     info(
         f"training {margs['name']} ({sum(p.numel() for p in model.parameters()):,} parameters, method "
         f"{cfg.model.method}) on {len(train_items)} items, latent {margs['in_channels']}x{margs['input_size']}x"
@@ -101,6 +120,7 @@ def run(cfg: DictConfig) -> Path | None:
         "model_args": margs,
         "autoencoder": autoencoder_entry(cache, norm),
         "image_size": int(cache["image_size"]),
+        **({"repa": {"encoder": cfg.repa.encoder, "weight": float(cfg.repa.weight)}} if encoder is not None else {}),
         "config": to_container(cfg),
     }
     with RunLock(exp):  # one run per folder, for the whole run
@@ -114,7 +134,7 @@ def run(cfg: DictConfig) -> Path | None:
                 periodic.append(training_loop.Periodic(cfg.train.sample_every, grids, at_end=False))
             if cfg.train.fid_every:
                 periodic.append(training_loop.Periodic(cfg.train.fid_every, checkpoint_fid(cfg)))
-            last = training_loop.run(settings, method, dataset, train_items, exp, metadata, log, periodic=periodic)
+            last = training_loop.run(settings, method, train_data, train_items, exp, metadata, log, periodic=periodic)
         finally:
             log.close()
     info(f"finished at step {cfg.train.max_steps}; checkpoint {last}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -75,6 +75,8 @@ class ExtractConfig:
     num_workers: int = 4
     precision: str = "bf16"  # bf16 | fp32 (encoder autocast on CUDA)
     flush_every: int = 64  # batches between durable progress marks (resume granularity)
+    store_images: str = "none"  # none | jpeg | png: also keep each item's crop (representation alignment needs it)
+    jpeg_quality: int = 95  # store_images=jpeg (docs/PERFORMANCE.md: what it does to an encoder's features)
 
 
 @dataclass
@@ -105,6 +107,22 @@ class TrainConfig:
     sample_steps: int = 25
     progress: bool = True
     peak_tflops: float = 0.0  # the device's dense peak for MFU; 0: from its name (H100, H200, A100, ...)
+
+
+@dataclass
+class RepaConfig:
+    """Representation alignment (Yu et al. 2025) for the methods that denoise (diffusion, flow): the hidden tokens
+    after block `depth` go through a projector to a frozen encoder's patch features of the clean image (the cache's
+    stored crop, same flip), L = L_method + weight * mean(-cos)."""
+
+    enabled: bool = False
+    encoder: str = "vit_base_patch14_dinov2"  # a timm ViT name (DINOv2-B/14 as the paper)
+    encoder_weights: Optional[str] = None  # a local file of its weights (timm's or the original layout)
+    encoder_kwargs: Dict[str, Any] = field(default_factory=dict)  # more timm arguments (a custom ViT's sizes)
+    resolution: int = 224  # the encoder's input side for 256 px images (REPA: 224 x image_size / 256)
+    depth: Optional[int] = None  # the aligned block (1-based); None: 8 for 24+ blocks (XL, L), 4 for 12 (B, S), else a third
+    projector_dim: int = 2048
+    weight: float = 0.5  # lambda
 
 
 @dataclass
@@ -182,6 +200,7 @@ class CoreConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -253,6 +272,7 @@ _CHOICES = {
     "data.source": ("folder", "digits"),
     "model.init_mode": ("strict", "resize"),
     "autoencoder.normalization": ("scale", "channel"),
+    "extract.store_images": ("none", "jpeg", "png"),
     "model.method": registry.trainable_names(),
 }
 AT_LEAST_ONE = (lambda v: v >= 1, "it must be at least 1")
@@ -305,6 +325,9 @@ def _validate(cfg: DictConfig) -> None:
     check_values(cfg, ("sample.time_shift", "inference.time_shift"),
                  (lambda v: math.isfinite(v) and v > 0, "the time shift must be a finite number > 0 (1: none)"))
     check_values(cfg, ("train.lr",), LEARNING_RATE)
+    check_values(cfg, ("repa.resolution", "repa.projector_dim", "repa.depth"), AT_LEAST_ONE)
+    check_values(cfg, ("repa.weight",), NON_NEGATIVE)
+    check_values(cfg, ("extract.jpeg_quality",), (lambda v: 1 <= v <= 100, "it must be in 1..100"))
     check_values(cfg, ("train.ema_decay", "model.class_dropout_prob"), UNIT_INTERVAL)
     for key in ("sample.cfg_interval", "inference.cfg_interval"):
         check_interval(OmegaConf.select(cfg, key), key)

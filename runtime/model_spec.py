@@ -117,8 +117,8 @@ def check_same_model(stored: dict, current: dict, source: str) -> None:
     from models import SWITCHES, family_of
 
     keys = ("name", "input_size", "in_channels", "num_classes", "learn_sigma", "guidance_embedding", "z_dim",
-            "extra_in_channels", *SWITCHES)
-    defaults = {"guidance_embedding": False, "z_dim": 0, "extra_in_channels": 0}  # absent from older checkpoints
+            "extra_in_channels", "alignment", *SWITCHES)
+    defaults = {"guidance_embedding": False, "z_dim": 0, "extra_in_channels": 0, "alignment": None}  # older ones
 
     def value(args: dict, key: str):
         if key in SWITCHES:

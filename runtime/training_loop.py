@@ -277,8 +277,9 @@ def _update(objective, method: Method, nets: dict, state: LoopState, micro_batch
         group["lr"] = lr * objective.lr_scale
     device = dist.device()
     index = [o.name for o in method.objectives()].index(objective.name)
-    for micro, (x, y) in enumerate(micro_batches):
+    for micro, (x, y, *extras) in enumerate(micro_batches):  # extras: what the dataset adds (REPA's crops)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        extras = [extra.to(device, non_blocking=True) for extra in extras]
         parts = (settings.seed, step, micro, dist.rank(), 3) + ((index,) if index else ())
         generator = torch.Generator().manual_seed(mix_seed(*parts))
         last = micro == len(micro_batches) - 1
@@ -288,7 +289,7 @@ def _update(objective, method: Method, nets: dict, state: LoopState, micro_batch
                     if isinstance(net, DistributedDataParallel):
                         stack.enter_context(net.no_sync())
             with autocast(device, settings.precision):
-                loss, metrics = method.loss(objective.name, nets, x, y, generator)
+                loss, metrics = method.loss(objective.name, nets, x, y, generator, *extras)
             state.scaler.scale(loss / len(micro_batches)).backward()
         window.add(metrics, loss)
     state.scaler.unscale_(optimizer)

@@ -18,7 +18,9 @@ latents made by scripts/benchmark_data.py's make_synthetic_cache. Those are 4x32
 1000 classes, so they stand in for configs whose model expects exactly that (256 px images through
 an 8x down-sampling VAE: every configs/imagenet_256 config); for another geometry (the demo's
 16x16x1 pixels), extract a cache first and pass data.cache_path. Random latents train at the
-same speed as real ones. The last line printed is "<img/s> img/s".
+same speed as real ones. With repa.enabled the synthetic cache stores 256 px JPEG photo crops too, and
+--random-encoder times the encoder with random weights of its architecture (repa.encoder) when no weights file
+is at hand. The last line printed is "<img/s> img/s".
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="items in the synthetic cache when data.cache_path does not exist (default 4096)")
     parser.add_argument("--warmup", type=int, default=20, help="steps not timed (compilation, allocator, workers)")
     parser.add_argument("--steps", type=int, default=100, help="steps timed after the warm-up")
+    parser.add_argument("--random-encoder", action="store_true",
+                        help="repa.enabled: random weights for repa.encoder (its speed, not its features)")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs); > 1 runs under torchrun --standalone")
     args = parser.parse_args(argv)
     for name in ("items", "warmup", "steps", "nproc"):
@@ -70,7 +74,7 @@ def synthetic_cache(cfg, folder: Path, items: int) -> tuple[Path, list[str]]:
     expected = model_args_from_config(cfg)
     shape = (expected["in_channels"], expected["input_size"], expected["input_size"])
     path = folder / "synthetic.h5"
-    make_synthetic_cache(path, items, seed=cfg.seed)
+    make_synthetic_cache(path, items, seed=cfg.seed, images="jpeg" if cfg.repa.enabled else "none")
     info = read_cache_info(path)
     if tuple(info["latent_shape"]) != shape or info["num_classes"] > cfg.model.num_classes:
         raise ValueError(
@@ -80,6 +84,17 @@ def synthetic_cache(cfg, folder: Path, items: int) -> tuple[Path, list[str]]:
             f"(python main.py -c CONFIG -p extract) and pass data.cache_path=PATH"
         )
     return path, [f"autoencoder.name={info['autoencoder']}", f"data.image_size={info['image_size']}"]
+
+
+def random_encoder(cfg, folder: Path) -> Path:
+    """A file of random weights for the config's REPA encoder (timm's layout)."""
+    import timm
+    import torch
+
+    vit = timm.create_model(cfg.repa.encoder, pretrained=False, num_classes=0, **dict(cfg.repa.encoder_kwargs))
+    path = folder / "random_encoder.pth"
+    torch.save(vit.state_dict(), path)
+    return path
 
 
 def train_command(config: Path, overrides: list[str], nproc: int) -> list[str]:
@@ -134,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
                 data = f"synthetic cache of {args.items} random latents ({' '.join(extra)})"
         except (OSError, ValueError) as err:
             raise SystemExit(f"error: {err}")
+        if args.random_encoder and cfg.repa.enabled:
+            overrides.append(f"repa.encoder_weights={random_encoder(cfg, Path(tmp))}")
+            cfg = load_config(config, overrides)
         overrides += [f"experiment_dir={run_dir}", f"train.max_steps={total}", f"train.log_every={args.warmup}",
                       f"train.ckpt_every={total}", "train.eval_every=0", "train.sample_every=0", "train.progress=false",
                       "wandb.mode=disabled"]
@@ -145,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         if done.returncode != 0:
             raise SystemExit(f"the train phase failed (exit code {done.returncode}); its output is above")
         records = read_log(run_dir / "logs" / "train.jsonl")
+        extra_flops = alignment_flops(cfg) if cfg.repa.enabled else 0.0  # while the encoder file exists
     tc = cfg.train
     rate, steps, seconds = throughput_after(records, args.warmup, tc.batch_size)
     print(f"{cfg.model.name}, global batch {tc.batch_size} ({tc.batch_size // args.nproc} per process, "
@@ -152,16 +171,18 @@ def main(argv: list[str] | None = None) -> None:
           f"grad_checkpointing={cfg.model.grad_checkpointing}; data: {data}")
     print(f"{steps} steps timed after {args.warmup} warm-up steps: {seconds:.2f} s, {steps / seconds:.2f} steps/s, "
           f"{rate / args.nproc:.1f} img/s per process")
-    print(efficiency(cfg, records, args.warmup, rate, args.nproc))
-    print(f"{rate:.1f} img/s")
+    print(efficiency(cfg, records, args.warmup, rate, args.nproc, extra_flops))
+    print(f"{rate:.3g} img/s")
 
 
-def efficiency(cfg, records: list[dict], warmup: int, rate: float, nproc: int) -> str:
+def efficiency(cfg, records: list[dict], warmup: int, rate: float, nproc: int, extra_flops: float = 0.0) -> str:
     """Model FLOPs per image and MFU with the train phase's formula (models/flops.py), peak memory, data wait."""
     margs = model_args_from_config(cfg)
     flops = 3 * dit_forward_flops(margs)
     timed = [r for r in records if r.get("step", 0) > warmup]
     parts = [f"{margs['name']}: {flops / 1e9:.1f} GFLOP per training image (3 x forward)"]
+    if extra_flops:
+        parts.append(f"REPA: + {extra_flops / 1e9:.1f} GFLOP (the encoder's forward, the projector)")
     if timed and "mfu" in timed[-1]:  # logged by the train phase against the device's dense peak
         parts.append(f"MFU {100 * sum(r['mfu'] for r in timed) / len(timed):.1f}%")
     else:
@@ -171,6 +192,16 @@ def efficiency(cfg, records: list[dict], warmup: int, rate: float, nproc: int) -
     if timed:
         parts.append(f"data wait {sum(r['data_wait_ms'] for r in timed) / len(timed):.1f} ms/step")
     return "; ".join(parts)
+
+
+def alignment_flops(cfg) -> float:
+    """What REPA adds per training image, as the train phase counts it (methods/alignment.py)."""
+    from methods import alignment, registry
+
+    margs = model_args_from_config(cfg)
+    cache = {"image_format": "jpeg", "image_size": cfg.data.image_size}
+    aligned, encoder = alignment.prepare(cfg, registry.training_spec(cfg), margs, cache, "cpu")
+    return alignment.flops_per_image(aligned, encoder, cfg.data.image_size)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Starting main.py as a user does, for the end-to-end tests: one process, or torchrun with two CPU
-processes (one torch thread each, as torchrun sets), and killing a whole launched process tree."""
+processes (one torch thread each, as torchrun sets), killing a whole launched process tree, and the
+killed-and-resumed training run the methods' end-to-end tests compare with an uninterrupted one."""
 import os
 import signal
 import subprocess
@@ -36,3 +37,41 @@ def kill_tree(proc: subprocess.Popen) -> None:
         member.send_signal(signal.SIGKILL)
     psutil.wait_procs(family, timeout=30)
     proc.wait()
+
+
+def killed_and_resumed_training(config, common: list, folder: Path, steps: int) -> tuple[dict, dict, str]:
+    """Train under torchrun to `steps` in folder/full; start the same run in folder/killed, SIGKILL it once its
+    first checkpoint is written, and run it again. Returns both final checkpoints and the first run's stdout;
+    asserts the second was really interrupted midway and resumed."""
+    import time
+
+    from runtime.checkpoint import latest_checkpoint, load_checkpoint
+
+    def run(exp):
+        return subprocess.run(torchrun(config, "-p", "train", f"experiment_dir={exp}", *common), cwd=ROOT, env=env(),
+                              capture_output=True, text=True, timeout=600)
+
+    full = run(folder / "full")
+    assert full.returncode == 0, full.stdout + full.stderr
+    victim = subprocess.Popen(torchrun(config, "-p", "train", f"experiment_dir={folder / 'killed'}", *common),
+                              cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    while latest_checkpoint(folder / "killed") is None and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    kill_tree(victim)
+    killed_at = latest_checkpoint(folder / "killed")
+    assert killed_at is not None and killed_at.name != f"{steps:07d}.pt", "the run was not interrupted midway"
+    resumed = run(folder / "killed")
+    assert resumed.returncode == 0 and f"resumed from step {int(killed_at.stem)}" in resumed.stdout, resumed.stderr
+    final = f"checkpoints/{steps:07d}.pt"
+    return load_checkpoint(folder / "full" / final), load_checkpoint(folder / "killed" / final), full.stdout
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """The raw and EMA weights of two checkpoints are bit for bit the same."""
+    import torch
+
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"

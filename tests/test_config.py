@@ -76,11 +76,19 @@ def test_shipped_configs_load(path):
         assert (cfg.flow.time_sampling, cfg.flow.cosine_loss, cfg.flow.convention) == ("logit_normal", 1.0, "sit")
         assert cfg.autoencoder.normalization == "channel" and not cfg.model.learn_sigma
         assert sampler_settings(cfg, "inference").steps == 249 and sampler_settings(cfg, "inference").cfg_scale == 10.0
+    elif path.name == "sit_xl2_repa.yaml":  # REPA's recipe
+        assert (cfg.train.batch_size, cfg.train.lr, cfg.train.max_grad_norm, cfg.train.weight_decay) == (256, 1e-4, 1.0, 0.0)
+        assert cfg.repa.enabled and (cfg.repa.depth, cfg.repa.weight, cfg.repa.projector_dim) == (8, 0.5, 2048)
+        assert cfg.repa.encoder == "vit_base_patch14_dinov2" and cfg.repa.resolution == 224
+        assert cfg.model.class_dropout_prob == 0.1 and not cfg.model.learn_sigma and cfg.extract.store_images == "jpeg"
+        assert list(sampler_settings(cfg, "inference").cfg_interval) == [0.0, 0.7]
     elif "imagenet_256" in str(path) and path.name != "base.yaml":
         assert cfg.train.batch_size == 256 and cfg.train.lr == 1e-4 and cfg.train.ema_decay == 0.9999
         assert cfg.model.class_dropout_prob == 0.1 and cfg.model.learn_sigma
         assert cfg.diffusion.schedule == "linear" and cfg.diffusion.num_steps == 1000
-    if path.name.endswith("_speed.yaml"):
+    if path.name.endswith("_speed_repa.yaml"):
+        assert cfg.repa.enabled and cfg.repa.depth == 8 and cfg.model.method == "diffusion"
+    if path.name.endswith(("_speed.yaml", "_speed_repa.yaml")):
         ts = cfg.diffusion.timesteps
         assert (ts.sampler, ts.weighting, ts.tau, ts.k, ts.lam) == ("speed", "speed", 700, 5.0, 0.6)
 

@@ -4,8 +4,6 @@ their key layouts (SiT's release, SiT's and REPA's train.py checkpoints, REPA's 
 infer and initialise training exactly as our own checkpoint of the same weights in the same time convention."""
 import argparse
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +11,9 @@ import pytest
 import torch
 
 import launch
-from launch import env, kill_tree
 from models import create_model
 from phases import inference, sample, train
-from runtime.checkpoint import latest_checkpoint, load_checkpoint
+from runtime.checkpoint import load_checkpoint
 from runtime.config import ConfigError, load_config
 
 pytestmark = pytest.mark.e2e
@@ -32,27 +29,9 @@ MARGS = dict(name="DiT-T/4", input_size=16, in_channels=1, num_classes=10, class
 
 def test_killed_torchrun_flow_training_resumes_to_the_same_result(digits_cache, tmp_path):
     common = [f"data.cache_path={digits_cache}", *TRAIN]
-    run = lambda exp: subprocess.run(launch.torchrun(CONFIG, "-p", "train", f"experiment_dir={exp}", *common), cwd=ROOT,
-                                     env=env(), capture_output=True, text=True, timeout=600)
-    full = run(tmp_path / "full")
-    assert full.returncode == 0, full.stdout + full.stderr
-    victim = subprocess.Popen(launch.torchrun(CONFIG, "-p", "train", f"experiment_dir={tmp_path / 'killed'}", *common),
-                              cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    deadline = time.time() + 300
-    while latest_checkpoint(tmp_path / "killed") is None and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    kill_tree(victim)
-    killed_at = latest_checkpoint(tmp_path / "killed")
-    assert killed_at is not None and killed_at.name != f"{STEPS:07d}.pt", "the run was not interrupted midway"
-    resumed = run(tmp_path / "killed")
-    assert resumed.returncode == 0 and f"resumed from step {int(killed_at.stem)}" in resumed.stdout
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / f"{STEPS:07d}.pt")
-    b = load_checkpoint(tmp_path / "killed" / "checkpoints" / f"{STEPS:07d}.pt")
+    a, b, _ = launch.killed_and_resumed_training(CONFIG, common, tmp_path, STEPS)
     assert a["method"] == "flow" and a["flow"]["convention"] == "repa" and a["flow"]["path"] == "linear"
-    for key in ("model", "ema"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    launch.assert_same_weights(a, b)
     records = [json.loads(line) for line in (tmp_path / "full" / "logs" / "train.jsonl").read_text().splitlines()]
     last = records[-1]
     assert {"loss", "mse", "cos_loss", "mfu"} - set(last) == {"mfu"} and any(k.startswith("mse_t") for k in last)

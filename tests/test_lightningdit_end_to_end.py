@@ -2,9 +2,7 @@
 uninterrupted run; a VA-VAE-like 32-channel autoencoder (an LDM-format file, built here) extracts a cache with
 per-channel statistics, which training, sampling and inference use; a cache without them is refused."""
 import shutil
-import subprocess
 import textwrap
-import time
 from pathlib import Path
 
 import h5py
@@ -16,10 +14,9 @@ from test_datasets_image_folder import make_image_folder  # pytest puts tests/ o
 import launch
 from datasets.latent_cache import LatentDataset, read_cache_info
 from datasets.latent_norm import LatentNorm, read_stats_file
-from launch import env, kill_tree
 from ldm_files import ldm_vae_state
 from phases import extract, inference, sample, train
-from runtime.checkpoint import latest_checkpoint, load_checkpoint
+from runtime.checkpoint import load_checkpoint
 from runtime.config import load_config
 
 pytestmark = pytest.mark.e2e
@@ -33,28 +30,10 @@ def test_killed_torchrun_lightningdit_flow_training_resumes_to_the_same_result(d
     common = [f"data.cache_path={digits_cache}", "model.name=LightningDiT-T/4", "model.qk_norm=true",
               "train.batch_size=16", "train.ckpt_every=4", "train.log_every=4", "train.progress=false",
               f"train.max_steps={STEPS}", "train.warmup_steps=0", "train.sample_every=0", "flow.cosine_loss=1.0"]
-    run = lambda exp: subprocess.run(launch.torchrun(FLOW, "-p", "train", f"experiment_dir={exp}", *common), cwd=ROOT,
-                                     env=env(), capture_output=True, text=True, timeout=600)
-    full = run(tmp_path / "full")
-    assert full.returncode == 0, full.stdout + full.stderr
-    victim = subprocess.Popen(launch.torchrun(FLOW, "-p", "train", f"experiment_dir={tmp_path / 'killed'}", *common),
-                              cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    deadline = time.time() + 300
-    while latest_checkpoint(tmp_path / "killed") is None and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    kill_tree(victim)
-    killed_at = latest_checkpoint(tmp_path / "killed")
-    assert killed_at is not None and killed_at.name != f"{STEPS:07d}.pt", "the run was not interrupted midway"
-    resumed = run(tmp_path / "killed")
-    assert resumed.returncode == 0 and f"resumed from step {int(killed_at.stem)}" in resumed.stdout
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / f"{STEPS:07d}.pt")
-    b = load_checkpoint(tmp_path / "killed" / "checkpoints" / f"{STEPS:07d}.pt")
+    a, b, _ = launch.killed_and_resumed_training(FLOW, common, tmp_path, STEPS)
     assert a["model_args"]["name"] == "LightningDiT-T/4" and a["model_args"]["qk_norm"] and a["model_args"]["rope"]
     assert "feat_rope.freqs_cos" in a["model"] and "blocks.0.attn.q_norm.weight" in a["model"]
-    for key in ("model", "ema"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    launch.assert_same_weights(a, b)
     with pytest.raises(ValueError, match="rope: True in .*, False now"):  # resuming with another block is refused
         train.run(load_config(FLOW, [*common, f"experiment_dir={tmp_path / 'full'}", f"train.max_steps={STEPS + 4}",
                                      "model.rope=false"]))
