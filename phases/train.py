@@ -5,6 +5,7 @@ DDP, precision, EMA, checkpoints, exact resume, NaN stop, logging).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,13 +62,22 @@ def initialise(cfg: DictConfig, spec, model) -> None:
     info(f"initialised from {cfg.model.init_from} ({used}){fresh}")
 
 
-def run(cfg: DictConfig) -> Path | None:
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    device = dist.device()
-    exp = Path(cfg.experiment_dir)
+@dataclass
+class _Plan:
+    """What the guard rails established, before anything is built."""
 
-    # Guard rails: nothing long starts before the inputs are known to fit together.
+    spec: object
+    cache: dict
+    norm: object
+    margs: dict
+    train_items: list
+    settings: training_loop.LoopSettings
+    encoder: object = None  # REPA's frozen encoder when repa.enabled
+
+
+def check_inputs(cfg: DictConfig, device) -> _Plan:
+    """Guard rails: nothing long starts before the inputs are known to fit together (the method's section, the
+    cache against the config, the normalisation, REPA's encoder file and crops, the loop's settings)."""
     spec = registry.training_spec(cfg)  # model.method, its config section checked now
     cache = read_cache_info(cfg.data.cache_path)
     check_cache_matches_config(cfg, cache)
@@ -86,55 +96,83 @@ def run(cfg: DictConfig) -> Path | None:
     if cfg.train.eval_every and cfg.data.holdout and spec.validation_loss is None:
         raise ConfigError(f"train.eval_every: model.method={cfg.model.method} has no validation loss; set "
                           "train.eval_every=0")
+    return _Plan(spec, cache, norm, margs, train_items, settings, encoder)
 
-    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
-    model = create_model(**margs, grad_checkpointing=cfg.model.grad_checkpointing)
-    initialise(cfg, spec, model)
-    method = spec.build(cfg, model.to(device), device)
-    dataset = LatentDataset.from_config(cfg.data, norm)  # validation and grids: the latents alone
+
+def build(cfg: DictConfig, plan: _Plan, device):
+    """(model, method, the latents for validation and grids, the training data), the same initial weights for the
+    same seed; REPA wraps the method and adds the crops to the training data."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(**plan.margs, grad_checkpointing=cfg.model.grad_checkpointing)
+    initialise(cfg, plan.spec, model)
+    method = plan.spec.build(cfg, model.to(device), device)
+    dataset = LatentDataset.from_config(cfg.data, plan.norm)
     train_data = dataset
-    if encoder is not None:
-        method = alignment.AlignedMethod(method, encoder, cfg.repa.weight, cfg.train.loss_buckets)
-        train_data = LatentDataset.from_config(cfg.data, norm, images=True)
-        a = margs["alignment"]
+    if plan.encoder is not None:
+        method = alignment.AlignedMethod(method, plan.encoder, cfg.repa.weight, cfg.train.loss_buckets)
+        train_data = LatentDataset.from_config(cfg.data, plan.norm, images=True)
+        a = plan.margs["alignment"]
         info(f"representation alignment: block {a['depth']} -> {cfg.repa.encoder} tokens ({a['feature_dim']} "
-             f"channels), weight {cfg.repa.weight}, crops {cache['image_format']}")
+             f"channels), weight {cfg.repa.weight}, crops {plan.cache['image_format']}")
+    margs = plan.margs
     info(
         f"training {margs['name']} ({sum(p.numel() for p in model.parameters()):,} parameters, method "
-        f"{cfg.model.method}) on {len(train_items)} items, latent {margs['in_channels']}x{margs['input_size']}x"
+        f"{cfg.model.method}) on {len(plan.train_items)} items, latent {margs['in_channels']}x{margs['input_size']}x"
         f"{margs['input_size']}, global batch {cfg.train.batch_size}, {dist.world_size()} process(es), "
         f"{device.type}, {cfg.train.precision}"
     )
+    return model, method, dataset, train_data
+
+
+def checkpoint_metadata(cfg: DictConfig, plan: _Plan) -> dict:
+    """What every checkpoint of the run carries beside the weights (how to sample and check it later)."""
+    repa = {"repa": {"encoder": cfg.repa.encoder, "weight": float(cfg.repa.weight)}} if plan.encoder is not None else {}
+    return {
+        "method": plan.spec.name,
+        **plan.spec.metadata(cfg),
+        "model_args": plan.margs,
+        "autoencoder": autoencoder_entry(plan.cache, plan.norm),
+        "image_size": int(plan.cache["image_size"]),
+        **repa,
+        "config": to_container(cfg),
+    }
+
+
+def periodic_hooks(cfg: DictConfig, plan: _Plan, method, dataset, metadata: dict, log, device) -> list:
+    """The loop's hooks: validation loss (raw and EMA), grids, FID during training, as configured."""
 
     def validate(step, model, ema) -> dict:
-        """The method's validation loss on the held-out items, raw and EMA weights."""
-        metrics = spec.validation_loss(cfg, method, model.eval(), dataset, cache["num_items"], device)
+        metrics = plan.spec.validation_loss(cfg, method, model.eval(), dataset, plan.cache["num_items"], device)
         if ema is not None:
-            ema_metrics = spec.validation_loss(cfg, method, ema, dataset, cache["num_items"], device)
+            ema_metrics = plan.spec.validation_loss(cfg, method, ema, dataset, plan.cache["num_items"], device)
             metrics.update({key.replace("val_", "val_ema_"): value for key, value in ema_metrics.items()})
         return metrics
 
-    metadata = {
-        "method": spec.name,
-        **spec.metadata(cfg),
-        "model_args": margs,
-        "autoencoder": autoencoder_entry(cache, norm),
-        "image_size": int(cache["image_size"]),
-        **({"repa": {"encoder": cfg.repa.encoder, "weight": float(cfg.repa.weight)}} if encoder is not None else {}),
-        "config": to_container(cfg),
-    }
+    hooks = [training_loop.Periodic(cfg.train.eval_every if cfg.data.holdout else 0, validate)]
+    if cfg.train.sample_every:
+        grids = TrainingGrids(cfg, plan.margs, metadata, plan.norm, log)
+        hooks.append(training_loop.Periodic(cfg.train.sample_every, grids, at_end=False))
+    if cfg.train.fid_every:
+        hooks.append(training_loop.Periodic(cfg.train.fid_every, checkpoint_fid(cfg)))
+    return hooks
+
+
+def run(cfg: DictConfig) -> Path | None:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    device = dist.device()
+    exp = Path(cfg.experiment_dir)
+    plan = check_inputs(cfg, device)
+    _, method, dataset, train_data = build(cfg, plan, device)
+    metadata = checkpoint_metadata(cfg, plan)
     with RunLock(exp):  # one run per folder, for the whole run
         if dist.is_main():
             record_config(cfg, "train")
         log = MetricsLog(cfg, "train")
         try:
-            periodic = [training_loop.Periodic(cfg.train.eval_every if cfg.data.holdout else 0, validate)]
-            if cfg.train.sample_every:
-                grids = TrainingGrids(cfg, margs, metadata, norm, log)
-                periodic.append(training_loop.Periodic(cfg.train.sample_every, grids, at_end=False))
-            if cfg.train.fid_every:
-                periodic.append(training_loop.Periodic(cfg.train.fid_every, checkpoint_fid(cfg)))
-            last = training_loop.run(settings, method, train_data, train_items, exp, metadata, log, periodic=periodic)
+            hooks = periodic_hooks(cfg, plan, method, dataset, metadata, log, device)
+            last = training_loop.run(plan.settings, method, train_data, plan.train_items, exp, metadata, log,
+                                     periodic=hooks)
         finally:
             log.close()
     info(f"finished at step {cfg.train.max_steps}; checkpoint {last}")

@@ -225,3 +225,19 @@ def test_other_timm_vits_work_by_name_with_their_own_preprocessing(tmp_path, nam
     encoder = build_encoder(name, str(tmp_path / "vit.pth"), 4 * patch, 256, 4, sizes)
     assert torch.allclose(encoder.mean.flatten(), torch.tensor(mean)) and encoder.vit.num_prefix_tokens == prefix
     assert encoder(torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)).shape == (2, 16, 24)
+
+
+def test_the_demo_encoder_script_writes_a_file_the_demo_config_loads(tmp_path):
+    import importlib.util
+
+    from runtime.config import load_config
+
+    spec = importlib.util.spec_from_file_location("train_digits_encoder", "scripts/train_digits_encoder.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "digits_vit.pth"
+    assert script.main(["--out", str(out), "--steps", "3", "--batch-size", "8"]) == 0 and out.is_file()
+    r = load_config("configs/demo/digits_repa.yaml", [f"repa.encoder_weights={out}"]).repa
+    encoder = build_encoder(r.encoder, r.encoder_weights, r.resolution, 16, 4, dict(r.encoder_kwargs))
+    assert encoder(torch.zeros(2, 1, 16, 16, dtype=torch.uint8)).shape == (2, 16, 192)
+    assert script.main(["--out", str(out)]) == 0  # an existing file is kept, not trained again
