@@ -231,7 +231,7 @@ def load_pretrained(model: nn.Module, path: str | Path, prefer_ema: bool = True,
     """
     path = Path(path)
     if obj is None:
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
         obj = _read_checkpoint(path)
     try:

@@ -190,8 +190,8 @@ def run_stage(cfg, index: int, steps: int, teacher: Teacher, guidance: Guidance,
     last = training_loop.run(stage_settings(cfg, index, steps, flops), method, dataset, items, folder, metadata,
                              StageLog(log, steps), log_offset=offset)
     weights = extract_state_dict(load_checkpoint(last), prefer_ema=True)  # EMA when the student keeps one
-    student.load_state_dict(weights)
-    student.eval().requires_grad_(False)
+    student, _ = make_student(teacher.model_args, weights, guidance.conditioned)  # whole (training may shard it)
+    student.to(device).eval().requires_grad_(False)
     student_denoise = student_denoiser(student, schedule, dc.parameterization, margs["in_channels"], guidance.conditioned)
     if evaluator is not None:
         metrics = evaluator.stage(steps, student_denoise, teacher.denoise, folder)
@@ -235,6 +235,7 @@ def stage_settings(cfg: DictConfig, index: int, steps: int, flops_per_image: flo
     return training_loop.LoopSettings.from_config(
         dc, seed=mix_seed(cfg.seed, steps), num_workers=cfg.data.num_workers, max_steps=stage_iters(dc, index),
         lr_schedule="linear", desc=f"distill {steps} steps", flops_per_image=flops_per_image,
+        parallel=cfg.train.parallel, shard_size=cfg.train.shard_size,  # how the student is spread: train's choice
     )
 
 
@@ -242,7 +243,7 @@ def resolve_teacher(cfg: DictConfig) -> Path:
     """distill.teacher, else the latest checkpoint of the run's training."""
     if cfg.distill.teacher:
         path = Path(cfg.distill.teacher)
-        if not path.is_file():
+        if not path.exists():  # a file, or a sharded checkpoint folder (consolidated on load)
             raise FileNotFoundError(f"distill.teacher={cfg.distill.teacher}: no such checkpoint file")
         return path
     latest = latest_checkpoint(cfg.experiment_dir)

@@ -24,7 +24,7 @@ from phases.training_grids import TrainingGrids
 from phases.validation import holdout_split
 from runtime import distributed as dist
 from runtime import training_loop
-from runtime.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
+from runtime.checkpoint import checkpoint_dir, latest_checkpoint, list_checkpoints, load_checkpoint
 from runtime.config import ConfigError, record_config, to_container
 from runtime.console import MetricsLog, info
 from runtime.model_spec import check_cache_matches_config, model_args_from_cache
@@ -37,7 +37,8 @@ def checkpoint_fid(cfg: DictConfig):
     settings = fid_sweep.sweep_settings(cfg)
 
     def fid(step, model, ema) -> dict:
-        points = fid_sweep.run(cfg, [(step, checkpoint_path(cfg.experiment_dir, step))], evaluator, settings)
+        path = dict(list_checkpoints(checkpoint_dir(cfg.experiment_dir)))[step]  # a file, or a sharded folder
+        points = fid_sweep.run(cfg, [(step, path)], evaluator, settings)
         return {"fid": points[0]["fid"]} if points else {}
 
     return fid

@@ -2,7 +2,8 @@
 
 Every grid draws the same classes (sample.classes x sample.per_class) from the same noise (image
 i from seed + i, its own generator) with the EMA weights and a fast sampler (train.sample_sampler,
-train.sample_steps, the config's cfg scale), on rank 0 only. It touches no training randomness:
+train.sample_steps, the config's cfg scale), on rank 0 only (a sharded model's forward needs every
+rank: then every rank samples the same grid, rank 0 writes it). It touches no training randomness:
 the noise comes from its own generators and every step reseeds the global RNG, so a resumed run
 makes the same grids and the same weights. Written to samples/train/NNNNNNN.png and to wandb.
 """
@@ -44,11 +45,12 @@ class TrainingGrids:
         self.columns = cfg.sample.per_class if cfg.sample.per_class > 1 else math.ceil(math.sqrt(len(self.labels)))
         self.folder = Path(cfg.experiment_dir) / "samples" / "train"
         self.autoencoder = None
-        if dist.is_main():  # loaded now: an autoencoder that cannot be loaded stops the run before training
+        self.every_rank = cfg.train.parallel != "ddp"  # runtime/parallel.py: the sharded strategies
+        if dist.is_main() or self.every_rank:  # loaded now: one that cannot be loaded stops the run before training
             self.autoencoder = load_autoencoder(cfg.autoencoder.name, dist.device(), norm=norm)
 
     def __call__(self, step: int, model: torch.nn.Module, ema: torch.nn.Module | None) -> dict:
-        if not dist.is_main():
+        if not (dist.is_main() or self.every_rank):
             return {}
         net = (ema if ema is not None else model).eval()
         sample = generation_sampler(self.cfg, net, self.model_args, self.metadata, self.settings)
@@ -57,6 +59,7 @@ class TrainingGrids:
         for start in range(0, len(self.labels), self.cfg.sample.batch_size):
             stop = start + self.cfg.sample.batch_size
             images.append(generator.images(self.labels[start:stop], self.seeds[start:stop]))
-        path = save_png(grid_image(torch.cat(images), self.columns), self.folder / f"{step:07d}.png")
-        self.log.log_image(step, "samples/train", path)
+        if dist.is_main():
+            path = save_png(grid_image(torch.cat(images), self.columns), self.folder / f"{step:07d}.png")
+            self.log.log_image(step, "samples/train", path)
         return {}

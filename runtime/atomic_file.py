@@ -68,7 +68,12 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     removed = []
     for stale in folder.glob(".*.tmp-*") if folder.is_dir() else []:
-        stale.unlink(missing_ok=True)
+        if stale.is_dir():  # a sharded checkpoint folder that was never finished
+            import shutil
+
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
         removed.append(stale)
     return removed
 

@@ -1,4 +1,5 @@
-"""Training checkpoints: `<experiment_dir>/checkpoints/NNNNNNN.pt`, written atomically.
+"""Training checkpoints: `<experiment_dir>/checkpoints/NNNNNNN.pt`, written atomically (sharded runs write
+folders `NNNNNNN/` instead: runtime/sharded_checkpoint.py; every function here takes both).
 
 A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) so that it loads with
 `torch.load(..., weights_only=True)`. The latest one is found by the step number in its name,
@@ -7,15 +8,19 @@ then renamed, so a crash while saving never leaves a broken latest checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
+from runtime import sharded_checkpoint
 from runtime.atomic_file import atomic_write
 
 _NAME = re.compile(r"^(\d{7,})\.pt$")
+_FOLDER = re.compile(r"^(\d{7,})$")
 
 
 def checkpoint_dir(experiment_dir: str | Path) -> Path:
@@ -26,17 +31,30 @@ def checkpoint_path(experiment_dir: str | Path, step: int) -> Path:
     return checkpoint_dir(experiment_dir) / f"{step:07d}.pt"
 
 
+def sharded_path(experiment_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(experiment_dir) / f"{step:07d}"
+
+
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every finished checkpoint in `folder`, sorted by step."""
+    """(step, path) of every finished checkpoint in `folder` (files, and finished sharded folders), by step."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     found = []
     for entry in folder.iterdir():
-        match = _NAME.match(entry.name)
-        if match and entry.is_file():
+        if (match := _NAME.match(entry.name)) and entry.is_file():
+            found.append((int(match.group(1)), entry))
+        elif (match := _FOLDER.match(entry.name)) and sharded_checkpoint.is_sharded(entry):
             found.append((int(match.group(1)), entry))
     return sorted(found)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint file or sharded folder."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def latest_checkpoint(experiment_dir: str | Path) -> Path | None:
@@ -50,10 +68,15 @@ def save_checkpoint(state: dict, experiment_dir: str | Path, step: int, keep_las
     path = checkpoint_path(experiment_dir, step)
     with atomic_write(path) as handle:
         torch.save(state, handle)
-    if keep_last > 0:
-        for _, old in list_checkpoints(path.parent)[:-keep_last]:
-            old.unlink(missing_ok=True)
+    prune(path.parent, keep_last)
     return path
+
+
+def prune(folder: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (0: keep all)."""
+    if keep_last > 0:
+        for _, old in list_checkpoints(folder)[:-keep_last]:
+            remove_checkpoint(old)
 
 
 class BrokenCheckpointError(ValueError):
@@ -80,8 +103,11 @@ def _safe_globals() -> list:
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint on the CPU with weights_only=True (ours, a published DiT file, or one written by
-    DiT's, fast-DiT's or SpeeD's train.py); a one-line error if it is missing or broken."""
+    DiT's, fast-DiT's or SpeeD's train.py); a one-line error if it is missing or broken. A sharded folder is
+    consolidated: the same dict as a single-file checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        return _load_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
@@ -96,6 +122,28 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def _load_folder(path: Path) -> dict:
+    if not sharded_checkpoint.is_sharded(path):
+        raise BrokenCheckpointError(f"cannot read checkpoint {path}: a folder, but not a finished sharded checkpoint "
+                                    f"(no {sharded_checkpoint.META} or {sharded_checkpoint.DCP_METADATA})")
+    with reading_shards(path):
+        return sharded_checkpoint.consolidate(path)
+
+
+@contextlib.contextmanager
+def reading_shards(path: Path):
+    """Errors reading a sharded folder's tensors as one BrokenCheckpointError naming the folder and the cause."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: named on its own
+
+    try:
+        yield
+    except (Exception, CheckpointException) as err:
+        cause = next(iter(getattr(err, "failures", {}).values()), err)  # DCP wraps each rank's (error, trace)
+        cause = cause[0] if isinstance(cause, tuple) else cause
+        why = _why(cause) if str(cause) else f"{type(cause).__name__} (a truncated or damaged shard file)"
+        raise BrokenCheckpointError(f"cannot read sharded checkpoint {path}: {why}") from None
+
+
 def _why(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))
@@ -108,16 +156,33 @@ def _why(err: Exception) -> str:
 
 
 def load_latest_loadable(experiment_dir: str | Path) -> tuple[Path | None, dict | None]:
-    """The newest checkpoint that loads, with its content. Broken newer ones are moved aside to
-    NNNNNNN.pt.broken (never deleted) with a message; (None, None) when none is left."""
+    """The newest checkpoint that loads, with its content (of a sharded folder: its meta.pt, the tensors are
+    loaded sharded by the run). Broken newer ones are moved aside to NNNNNNN.pt.broken / NNNNNNN.broken
+    (never deleted) with a message; (None, None) when none is left."""
     for _, path in reversed(list_checkpoints(checkpoint_dir(experiment_dir))):
         try:
+            if path.is_dir():
+                return path, _read_meta(path)
             return path, load_checkpoint(path)
         except BrokenCheckpointError as err:
-            aside = path.with_name(path.name + ".broken")
-            os.replace(path, aside)
-            print(f"{err}; moved it to {aside} and trying the previous checkpoint", flush=True)
+            move_aside(path, err)
     return None, None
+
+
+def move_aside(path: Path, err: Exception) -> None:
+    """Rename a broken checkpoint to NNNNNNN[.pt].broken (kept for inspection, never taken again)."""
+    aside = path.with_name(path.name + ".broken")
+    if aside.is_dir():
+        shutil.rmtree(aside)
+    os.replace(path, aside)
+    print(f"{err}; moved it to {aside} and trying the previous checkpoint", flush=True)
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        return sharded_checkpoint.read_meta(path)
+    except Exception as err:
+        raise BrokenCheckpointError(f"cannot read checkpoint {path}: {_why(err)}") from None
 
 
 def resolve_checkpoint(ckpt: str | None, experiment_dir: str | Path) -> Path:
@@ -125,7 +190,9 @@ def resolve_checkpoint(ckpt: str | None, experiment_dir: str | Path) -> Path:
     checkpoints live elsewhere, e.g. distilled students, are located by their method: methods/sampling.py.)"""
     if ckpt:
         path = Path(ckpt)
-        if not path.is_file():
+        if path.is_dir() and not sharded_checkpoint.is_sharded(path):
+            raise FileNotFoundError(f"ckpt={ckpt}: a folder, but not a finished sharded checkpoint")
+        if not path.exists():
             raise FileNotFoundError(f"ckpt={ckpt}: no such checkpoint file")
         return path
     latest = latest_checkpoint(experiment_dir)

@@ -94,6 +94,9 @@ class TrainConfig:
     ema_decay: float = 0.9999
     precision: str = "bf16"  # bf16 | fp16 | fp32
     compile: bool = False
+    parallel: str = "ddp"  # ddp (replicas) | fsdp (every weight, gradient and optimizer state sharded over the
+    #                        processes, per block) | hsdp (sharded inside groups of shard_size, replicated across)
+    shard_size: int = 0  # hsdp: processes per sharding group; 0 = torchrun's processes per node
     ckpt_every: int = 50_000
     ckpt_every_minutes: float = 0.0  # > 0: also a checkpoint every N minutes (only the newest such one is kept)
     keep_last: int = 0  # 0 keeps every checkpoint
@@ -268,6 +271,7 @@ _CHOICES = {
     "sample.precision": PRECISIONS,
     "extract.precision": ("bf16", "fp32"),
     "train.lr_schedule": ("constant", "cosine", "linear"),
+    "train.parallel": ("ddp", "fsdp", "hsdp"),
     "wandb.mode": ("online", "offline", "disabled"),
     "data.source": ("folder", "digits"),
     "model.init_mode": ("strict", "resize"),
@@ -327,6 +331,7 @@ def _validate(cfg: DictConfig) -> None:
     check_values(cfg, ("train.lr",), LEARNING_RATE)
     check_values(cfg, ("repa.resolution", "repa.projector_dim", "repa.depth"), AT_LEAST_ONE)
     check_values(cfg, ("repa.weight",), NON_NEGATIVE)
+    check_values(cfg, ("train.shard_size",), NON_NEGATIVE)
     check_values(cfg, ("extract.jpeg_quality",), (lambda v: 1 <= v <= 100, "it must be in 1..100"))
     check_values(cfg, ("train.ema_decay", "model.class_dropout_prob"), UNIT_INTERVAL)
     for key in ("sample.cfg_interval", "inference.cfg_interval"):

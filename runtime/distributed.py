@@ -17,8 +17,10 @@ def is_initialized() -> bool:
 
 
 def init() -> None:
-    """Join the process group torchrun describes in the environment (if any)."""
-    if is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Join the process group torchrun describes in the environment (if any; of one process too, which a
+    sharded run needs for its device mesh)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if is_initialized() or not launched:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())

@@ -17,9 +17,12 @@ def create_ema(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, for every parameter, in one foreach kernel."""
-    ema_params = list(ema.parameters())
-    model_params = list(model.parameters())
+    """ema <- decay * ema + (1 - decay) * model, for every parameter, in one foreach kernel (of a sharded model
+    and its sharded EMA: each process's shards, no gathering)."""
+    from runtime.parallel import local
+
+    ema_params = [local(p) for p in ema.parameters()]
+    model_params = [local(p) for p in model.parameters()]
     if len(ema_params) != len(model_params):
         raise ValueError("EMA and model have different parameter lists")
     torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)

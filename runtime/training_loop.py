@@ -18,24 +18,31 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from methods.base import Method
 from models.flops import mfu, peak_tflops
 from runtime import distributed as dist
+from runtime import parallel, sharded_checkpoint
 from runtime.atomic_file import DiskFullError, remove_stale_temporaries
 from runtime.checkpoint import (
+    BrokenCheckpointError,
     checkpoint_dir,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
     load_latest_loadable,
+    move_aside,
+    prune,
+    reading_shards,
+    remove_checkpoint,
     save_checkpoint,
+    sharded_path,
 )
+from runtime.config import ConfigError
 from runtime.console import MetricsLog, format_metrics, info, progress_bar
 from runtime.data_stream import StreamBatchSampler, mix_seed
-from runtime.ema import create_ema, update_ema
+from runtime.ema import update_ema
 from runtime.lr_schedule import learning_rate
 from runtime.model_spec import check_same_model
 from runtime.precision import autocast
@@ -73,6 +80,8 @@ class LoopSettings:
     desc: str = "train"
     flops_per_image: float = 0.0  # model FLOPs of one update per image (models/flops.py), for MFU
     peak_tflops: float = 0.0  # the device's dense peak; 0: from its name when known (else no MFU)
+    parallel: str = "ddp"  # runtime/parallel.py: ddp | fsdp | hsdp
+    shard_size: int = 0  # hsdp's sharding group (0: the processes of a node)
 
     @classmethod
     def from_config(cls, section, seed: int, num_workers: int, **overrides) -> "LoopSettings":
@@ -108,11 +117,12 @@ class Periodic:
 
 @dataclass
 class LoopState:
-    """The objects a checkpoint holds besides the method's modules."""
+    """The objects a checkpoint holds besides the method's modules, and how they are spread over processes."""
 
     ema: Optional[nn.Module]
     optimizers: dict
     scaler: torch.amp.GradScaler
+    parallel: parallel.Replicated
 
 
 def run(
@@ -136,10 +146,14 @@ def run(
     settings.check(dist.world_size())
     device = dist.device()
     modules = method.modules()
+    spread = parallel.strategy(settings.parallel, settings.shard_size, settings.precision, len(method.objectives()),
+                               device)
+    ema = spread.setup(modules, settings, settings.ema_decay > 0)  # FSDP shards the modules (and the EMA) here
     state = LoopState(
-        ema=create_ema(modules["model"]) if settings.ema_decay > 0 else None,
+        ema=ema,
         optimizers=_build_optimizers(method, settings, device),
         scaler=torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16"),
+        parallel=spread,
     )
     if dist.is_main():  # the caller holds the run's lock: these are a killed run's half-written files
         remove_stale_temporaries(checkpoint_dir(run_dir))
@@ -148,7 +162,7 @@ def run(
         info(f"already at step {start} >= {settings.max_steps} steps in {run_dir}; nothing to do")
         return last_saved
     log.truncate_after(log_offset + start)  # one history per run: drop what was logged after the checkpoint
-    nets = _wrap(modules, settings, device)
+    nets = spread.wrap(modules, settings, device)
     batches = iter(_loader(settings, dataset, items, start, device))
     bar = progress_bar(settings.max_steps, start, settings.desc, settings.progress)
     window = _Window(device, _throughput(settings, device))
@@ -219,42 +233,55 @@ def _build_optimizers(method: Method, settings: LoopSettings, device: torch.devi
 def _resume(run_dir: Path, method: Method, state: LoopState, metadata: dict) -> tuple[int, Path | None]:
     """Load the latest loadable checkpoint of `run_dir` into everything; (0, None) when there is none.
 
-    Rank 0 alone picks it (moving broken ones aside) and tells the others which one to load.
+    Rank 0 alone picks it (moving broken ones aside) and tells the others which one to load. A sharded run
+    reads a sharded folder on any number of processes; a DDP run reads a single file, or a folder consolidated.
+    A folder whose shards turn out unreadable (every rank sees it) is moved aside too, and the previous one taken.
     """
-    latest, saved = load_latest_loadable(run_dir) if dist.is_main() else (None, None)
-    latest = dist.broadcast_object(latest)
-    if latest is None:
-        return 0, None
-    if saved is None:
+    while True:
+        latest, saved = load_latest_loadable(run_dir) if dist.is_main() else (None, None)
+        latest = dist.broadcast_object(latest)
+        if latest is None:
+            return 0, None
+        try:
+            step = _load(latest, saved, method, state, metadata)
+        except BrokenCheckpointError as err:
+            if not latest.is_dir():
+                raise
+            if dist.is_main():
+                move_aside(latest, err)
+            dist.barrier()
+            continue
+        info(f"resumed from step {step} ({latest})")
+        return step, latest
+
+
+def _load(latest: Path, saved: dict | None, method: Method, state: LoopState, metadata: dict) -> int:
+    """Everything the loop keeps from checkpoint `latest` (`saved`: what rank 0 read of it); its step."""
+    sharded = state.parallel.sharded
+    if sharded and not latest.is_dir():
+        raise ConfigError(
+            f"{latest} is a single-file checkpoint (a train.parallel=ddp run); train.parallel="
+            f"{state.parallel.name} continues only from sharded checkpoint folders: continue this run with "
+            f"train.parallel=ddp, or start a new experiment_dir with model.init_from={latest}")
+    if latest.is_dir():
+        saved = sharded_checkpoint.read_meta(latest) if sharded else load_checkpoint(latest)
+    elif saved is None:
         saved = load_checkpoint(latest)
     if "model_args" in metadata:
         check_same_model(saved["model_args"], metadata["model_args"], str(latest))
-    for name, module in method.modules().items():
-        module.load_state_dict(saved[name])
-    if state.ema is not None:
-        if "ema" not in saved:
-            raise ValueError(f"{latest} has no EMA weights but an EMA decay is set now: keep the decay of the run")
-        state.ema.load_state_dict(saved["ema"])
-    optimizers = saved.get("optimizers") or {"model": saved["optimizer"]}  # "optimizer": checkpoints before the seam
-    for name, optimizer in state.optimizers.items():
-        optimizer.load_state_dict(optimizers[name])
+    if state.ema is not None and "ema" not in saved.get(sharded_checkpoint.PARTS, saved):
+        raise ValueError(f"{latest} has no EMA weights but an EMA decay is set now: keep the decay of the run")
+    parts = (method.modules(), state.ema, state.optimizers, method.objectives())
+    if sharded:  # this run's sharded state dicts, filled from the folder (resharded to this mesh)
+        tensors = state.parallel.state_tensors(*parts)
+        with reading_shards(latest):
+            sharded_checkpoint.load_into(latest, tensors)
+        saved = {**saved, **tensors}
+    state.parallel.load_tensors(saved, *parts)
     state.scaler.load_state_dict(saved["scaler"])
     method.load_state_dict(saved["method_state"] if "method_state" in saved else {"timesteps": saved["timesteps"]})
     _restore_rng(saved["rng"])
-    step = int(saved["step"])
-    info(f"resumed from step {step} ({latest})")
-    return step, latest
-
-
-def _wrap(modules: dict, settings: LoopSettings, device: torch.device) -> dict:
-    """The modules as the loss calls them: compiled if asked, DDP under torchrun."""
-    nets = {}
-    for name, module in modules.items():
-        net = torch.compile(module) if settings.compile else module
-        if dist.world_size() > 1:
-            net = DistributedDataParallel(net, device_ids=[dist.local_rank()] if device.type == "cuda" else None)
-        nets[name] = net
-    return nets
+    return int(saved["step"])
 
 
 def _loader(settings: LoopSettings, dataset, items, start_step: int, device: torch.device) -> DataLoader:
@@ -283,11 +310,7 @@ def _update(objective, method: Method, nets: dict, state: LoopState, micro_batch
         parts = (settings.seed, step, micro, dist.rank(), 3) + ((index,) if index else ())
         generator = torch.Generator().manual_seed(mix_seed(*parts))
         last = micro == len(micro_batches) - 1
-        with contextlib.ExitStack() as stack:
-            if not last:  # DDP all-reduces gradients on the last micro-batch only
-                for net in nets.values():
-                    if isinstance(net, DistributedDataParallel):
-                        stack.enter_context(net.no_sync())
+        with contextlib.nullcontext() if last else state.parallel.no_sync(nets):  # gradients reduced on the last
             with autocast(device, settings.precision):
                 loss, metrics = method.loss(objective.name, nets, x, y, generator, *extras)
             state.scaler.scale(loss / len(micro_batches)).backward()
@@ -295,7 +318,7 @@ def _update(objective, method: Method, nets: dict, state: LoopState, micro_batch
     state.scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = state.parallel.clip(params, max_norm)
     state.scaler.step(optimizer)
     for module in method.modules().values():
         module.zero_grad(set_to_none=True)
@@ -365,36 +388,33 @@ def _report(log: MetricsLog, bar, step: int, metrics: dict) -> None:
 
 def _save(run_dir: Path, step: int, method: Method, state: LoopState, settings: LoopSettings, metadata: dict,
           last_saved: Path | None) -> Path:
-    """Rank 0 writes the checkpoint atomically, after checking the weights are finite; every rank waits.
+    """Write the step's checkpoint atomically after checking the weights are finite (DDP: rank 0 writes one
+    file; sharded: every rank its shards of a folder); every rank waits.
 
     Off-cycle checkpoints (time-based or on a stop signal) are kept only until a newer one exists.
     """
     _check_finite_weights(method, state, step, last_saved)
-    path = checkpoint_path(run_dir, step)
+    meta = dict(scaler=state.scaler.state_dict(), method_state=method.state_dict(), step=step,
+                data_position=step * settings.batch_size, rng=_rng_state(), **metadata)
+    parts = (method.modules(), state.ema, state.optimizers, method.objectives())
+    try:
+        if state.parallel.sharded:
+            path = sharded_path(run_dir, step)
+            sharded_checkpoint.save(path, state.parallel.state_tensors(*parts), meta)
+        else:
+            path = checkpoint_path(run_dir, step)
+            if dist.is_main():
+                save_checkpoint({**state.parallel.state_tensors(*parts), **meta}, run_dir, step)
+    except DiskFullError as err:
+        kept = f"the previous checkpoint {last_saved} is intact" if last_saved else "no checkpoint was written"
+        raise DiskFullError(err.errno, f"{err.strerror}; {kept}; free space (keep_last=K needs room for "
+                                       "K+1 checkpoints) and re-run to continue") from None
     if dist.is_main():
-        checkpoint = {name: module.state_dict() for name, module in method.modules().items()}
-        if state.ema is not None:
-            checkpoint["ema"] = state.ema.state_dict()
-        checkpoint.update(
-            optimizers={name: opt.state_dict() for name, opt in state.optimizers.items()},
-            scaler=state.scaler.state_dict(),
-            method_state=method.state_dict(),
-            step=step,
-            data_position=step * settings.batch_size,
-            rng=_rng_state(),
-            **metadata,
-        )
-        try:
-            path = save_checkpoint(checkpoint, run_dir, step, keep_last=settings.keep_last)
-        except DiskFullError as err:
-            kept = f"the previous checkpoint {last_saved} is intact" if last_saved else "no checkpoint was written"
-            raise DiskFullError(err.errno, f"{err.strerror}; {kept}; free space (keep_last=K needs room for "
-                                           "K+1 checkpoints) and re-run to continue") from None
-        del checkpoint
         _write_line(f"saved checkpoint {path}")
+        prune(checkpoint_dir(run_dir), settings.keep_last)
         for old_step, old in list_checkpoints(checkpoint_dir(run_dir)):
             if old_step < step and old_step % settings.ckpt_every:  # a superseded time/stop checkpoint
-                old.unlink(missing_ok=True)
+                remove_checkpoint(old)
     dist.barrier()
     return path
 
@@ -412,7 +432,7 @@ def _check_finite_weights(method: Method, state: LoopState, step: int, last_save
     params = [p for module in method.modules().values() for p in module.parameters()]
     if state.ema is not None:
         params += list(state.ema.parameters())
-    bad = torch.stack([~torch.isfinite(p).all() for p in params]).any().float()
+    bad = torch.stack([~torch.isfinite(parallel.local(p)).all() for p in params]).any().float()
     if dist.all_reduce_sum(bad).item() > 0:
         where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
         raise NonFiniteLossError(

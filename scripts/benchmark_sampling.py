@@ -129,7 +129,7 @@ def prepare(cfg, args: argparse.Namespace, folder: Path) -> tuple[Path, str]:
         if args.no_decode:
             raise ValueError("--no-decode times a randomly initialised model: drop ckpt=, or keep ckpt= and pass "
                              "autoencoder.name=<a local VAE folder> (or --random-vae) instead")
-        if not Path(cfg.ckpt).is_file():
+        if not Path(cfg.ckpt).exists():
             raise FileNotFoundError(f"ckpt={cfg.ckpt} does not exist")
         return Path(cfg.ckpt), decoder
     path = folder / "random_init.pt"

@@ -45,7 +45,7 @@ def killed_and_resumed_training(config, common: list, folder: Path, steps: int) 
     asserts the second was really interrupted midway and resumed."""
     import time
 
-    from runtime.checkpoint import latest_checkpoint, load_checkpoint
+    from runtime.checkpoint import checkpoint_dir, latest_checkpoint, list_checkpoints, load_checkpoint
 
     def run(exp):
         return subprocess.run(torchrun(config, "-p", "train", f"experiment_dir={exp}", *common), cwd=ROOT, env=env(),
@@ -60,12 +60,12 @@ def killed_and_resumed_training(config, common: list, folder: Path, steps: int) 
     while latest_checkpoint(folder / "killed") is None and victim.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     kill_tree(victim)
-    killed_at = latest_checkpoint(folder / "killed")
-    assert killed_at is not None and killed_at.name != f"{steps:07d}.pt", "the run was not interrupted midway"
+    written = list_checkpoints(checkpoint_dir(folder / "killed"))  # files, or sharded folders
+    assert written and written[-1][0] < steps, "the run was not interrupted midway"
     resumed = run(folder / "killed")
-    assert resumed.returncode == 0 and f"resumed from step {int(killed_at.stem)}" in resumed.stdout, resumed.stderr
-    final = f"checkpoints/{steps:07d}.pt"
-    return load_checkpoint(folder / "full" / final), load_checkpoint(folder / "killed" / final), full.stdout
+    assert resumed.returncode == 0 and f"resumed from step {written[-1][0]}" in resumed.stdout, resumed.stderr
+    final = [dict(list_checkpoints(checkpoint_dir(folder / run)))[steps] for run in ("full", "killed")]
+    return load_checkpoint(final[0]), load_checkpoint(final[1]), full.stdout
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

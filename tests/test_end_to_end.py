@@ -71,8 +71,8 @@ def test_train_then_sample_grid(digits_cache, tmp_path):
     exp = tmp_path / "run"
     trained = main_py("-p", "train", f"experiment_dir={exp}", f"data.cache_path={digits_cache}", *TRAIN, "train.max_steps=4")
     assert f"saved checkpoint {exp / 'checkpoints' / '0000004.pt'}" in trained.stdout
-    proc = main_py("-p", "sample", f"experiment_dir={exp}", f"data.cache_path={digits_cache}",
-                   "sample.steps=5", "sample.classes=[1,7]", "sample.per_class=3")
+    main_py("-p", "sample", f"experiment_dir={exp}", f"data.cache_path={digits_cache}",
+            "sample.steps=5", "sample.classes=[1,7]", "sample.per_class=3")
     assert {p.name for p in exp.glob("config.*.yaml")} == {"config.train.yaml", "config.sample.yaml"}
     grid = Image.open(exp / "samples" / "grid.png")
     assert grid.size == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2)
