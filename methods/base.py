@@ -79,7 +79,13 @@ class NoExtraState:
 
 
 class SingleNetwork(NoExtraState):
-    """A method that trains one network, "model", with one optimizer."""
+    """A method that trains one network, "model", with one optimizer.
+
+    `functional` True: the loss applies torch.func transforms (a JVP) to the network, which cannot run through
+    the DDP wrapper, so the loop passes the bare module and averages the gradients over the ranks itself.
+    """
+
+    functional = False
 
     def __init__(self, model: nn.Module):
         self.model = model

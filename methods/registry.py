@@ -142,6 +142,21 @@ class FlowConfig:
     last_step_size: float = 0.04
 
 
+@dataclass
+class MeanFlowConfig:
+    """MeanFlow (model.method=meanflow; Geng et al. 2025): the average velocity u(z_t, r, t) from the MeanFlow
+    identity, one network evaluation per sampling step. Sampling: sample.sampler=meanflow, sample.steps 1, 2, N."""
+
+    t_mean: float = -0.4  # t and r: each sigmoid(N(mean, std)), ordered t >= r (the paper's ImageNet setting)
+    t_std: float = 1.0
+    r_mean: float = -0.4
+    r_std: float = 1.0
+    ratio: float = 0.25  # the share of samples with r != t (the rest: plain flow matching, r = t)
+    norm_p: float = 1.0  # adaptive loss weight 1 / (error + norm_eps)^norm_p (0: plain squared error)
+    norm_eps: float = 1.0e-3
+    cfg_scale: float = 1.0  # w: guidance folded into training (1: none); labels dropped by model.class_dropout_prob
+
+
 @dataclass(frozen=True)
 class Registration:
     """A method: `name` (model.method, and the "method" its checkpoints record), the module holding its
@@ -161,6 +176,7 @@ REGISTRATIONS = (
     Registration("ddgan", "methods.ddgan", "ddgan", DDGANConfig),
     Registration("cld", "methods.cld", "cld", CLDConfig),
     Registration("flow", "methods.flow", "flow", FlowConfig),
+    Registration("meanflow", "methods.meanflow", "meanflow", MeanFlowConfig),
 )
 DEFAULT = "diffusion"  # the method of a checkpoint that records none (published DiT checkpoints)
 

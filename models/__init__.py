@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-from models.conditioning import Conditioned, GuidanceEmbedder, LatentCodeEmbedder
+from models.conditioning import Conditioned, GuidanceEmbedder, IntervalEmbedder, LatentCodeEmbedder
 from models.projector import Aligned
 from models.dit import DiT
 from models.lightningdit import LightningDiT
@@ -98,13 +98,15 @@ def create_model(
     class_dropout_prob: float = 0.1,
     grad_checkpointing: bool = False,
     guidance_embedding: bool = False,
+    interval_embedding: bool = False,
     z_dim: int = 0,
     extra_in_channels: int = 0,
     alignment: dict | None = None,
     **switches,
 ) -> nn.Module:
     """Build the registered model `name` for latents of shape [in_channels, input_size, input_size], wrapped
-    with a guidance-scale embedding (distilled students) or a latent-code embedding (DDGAN) when asked, and
+    with a guidance-scale embedding (distilled students), an interval embedding (MeanFlow) or a latent-code
+    embedding (DDGAN) when asked, and
     with REPA's projector when `alignment` ({depth, projector_dim, feature_dim}) is given."""
     family = family_of(name)
     patch_size = family.models[name].keywords["patch_size"]
@@ -137,6 +139,8 @@ def create_model(
     embedders = {}
     if guidance_embedding:  # after the backbone's initialisation: the same seed draws the same backbone
         embedders["s"] = GuidanceEmbedder(backbone.hidden_size)
+    if interval_embedding:
+        embedders["h"] = IntervalEmbedder(backbone.hidden_size)
     if z_dim > 0:
         embedders["z"] = LatentCodeEmbedder(z_dim, backbone.hidden_size)
     model = Conditioned(backbone, **embedders) if embedders else backbone

@@ -2,8 +2,9 @@
 
 A wrapper embeds its inputs into the backbone's width and adds them to the adaLN conditioning vector
 (the backbone's `cond`), like the timestep: a distilled student's guidance scale `s` (GuidanceEmbedder),
-a DDGAN generator's latent code `z` (LatentCodeEmbedder). The wrapper's state dict is the backbone's,
-with the reference key names unchanged, plus the embedders' keys (`guidance_embedder.*`, `z_embedder.*`),
+a DDGAN generator's latent code `z` (LatentCodeEmbedder), a MeanFlow network's interval `h` (IntervalEmbedder). The wrapper's state dict is the backbone's,
+with the reference key names unchanged, plus the embedders' keys (`guidance_embedder.*`, `z_embedder.*`,
+`interval_embedder.*`),
 so checkpoints look exactly as when these were part of DiT; attributes it does not have (learn_sigma,
 blocks, y_embedder, ...) are the backbone's.
 """
@@ -37,6 +38,24 @@ class GuidanceEmbedder(TimestepEmbedder):
         return super().forward(100.0 * (scale.float() - 1.0))
 
 
+class IntervalEmbedder(TimestepEmbedder):
+    """The interval h = t - r of a MeanFlow network u(z_t, r, t) -> vector added to the conditioning.
+
+    MeanFlow (Geng et al. 2025) conditions the network on two times, each through its own sinusoidal
+    embedding, summed: t through the backbone's timestep embedder, h here (the same sinusoid and MLP). The
+    last layer starts at zero, so a flow or DiT model copied into one is unchanged at first: at h = 0 the
+    average velocity is the instantaneous one the flow model learned.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size)
+        nn.init.normal_(self.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.mlp[2].weight, std=0.02)
+        nn.init.zeros_(self.mlp[0].bias)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+
 class LatentCodeEmbedder(nn.Module):
     """A GAN generator's latent code z -> vector added to the conditioning (DDGAN's G(x_t, z, t)).
 
@@ -59,7 +78,8 @@ class LatentCodeEmbedder(nn.Module):
 
 
 # forward keyword -> (the wrapper's attribute, what it is for the error messages)
-INPUTS = {"s": ("guidance_embedder", "the guidance scale s"), "z": ("z_embedder", "the latent code z")}
+INPUTS = {"s": ("guidance_embedder", "the guidance scale s"), "z": ("z_embedder", "the latent code z"),
+          "h": ("interval_embedder", "the interval h = t - r")}
 
 
 def _flat_state_dict(module, state_dict, prefix, local_metadata) -> None:

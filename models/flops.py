@@ -49,8 +49,9 @@ def dit_forward_macs(model_args: dict) -> float:
     in_channels = channels + int(model_args.get("extra_in_channels", 0))
     once = tokens * patch * patch * in_channels * d + FREQUENCY_EMBEDDING_SIZE * d + d * d + 2 * d * d
     once += tokens * d * patch * patch * out_channels
-    if model_args.get("guidance_embedding"):
-        once += FREQUENCY_EMBEDDING_SIZE * d + d * d
+    for embedding in ("guidance_embedding", "interval_embedding"):  # the extra time-like inputs' MLPs
+        if model_args.get(embedding):
+            once += FREQUENCY_EMBEDDING_SIZE * d + d * d
     if model_args.get("z_dim"):
         once += int(model_args["z_dim"]) * d + d * d
     return depth * block + once

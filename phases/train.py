@@ -17,6 +17,7 @@ from methods import alignment, registry
 from methods.sampling import checkpoint_meta
 from models import create_model
 from models.pretrained import extract_state_dict, load_pretrained
+from models.conditioning import Conditioned
 from models.projector import Aligned
 from phases import fid_sweep
 from phases.scoring import load_evaluator
@@ -53,13 +54,17 @@ def initialise(cfg: DictConfig, spec, model) -> None:
     obj = load_checkpoint(cfg.model.init_from)
     published = checkpoint_meta(obj, cfg, spec)
     spec.check_init(published.meta, cfg)
+    keys = list(extract_state_dict(obj, prefer_ema=True))
     target, drop = model, tuple(published.drop) + ("projectors.",)
     if isinstance(model, Aligned):  # REPA's projector continues from the file when it has one
-        has_projector = any(k.startswith("projectors.") for k in extract_state_dict(obj, prefer_ema=True))
+        has_projector = any(k.startswith("projectors.") for k in keys)
         target, drop = (model, ()) if has_projector else (model.backbone, drop)
+    fresh = " (a new projector)" if target is not model else ""
+    if isinstance(target, Conditioned) and not any(k.startswith(f"{own}.") for own in target.own_names for k in keys):
+        fresh = f" (new {', '.join(target.own_names)}: zero-initialised, the model starts as the file's)"
+        target = target.backbone  # e.g. MeanFlow's interval embedding, from a flow or DiT model
     used = load_pretrained(target, cfg.model.init_from, prefer_ema=True, obj=obj, mode=cfg.model.init_mode,
                            drop_prefixes=drop)
-    fresh = " (a new projector)" if target is not model else ""
     info(f"initialised from {cfg.model.init_from} ({used}){fresh}")
 
 

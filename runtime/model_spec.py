@@ -116,9 +116,10 @@ def check_same_model(stored: dict, current: dict, source: str) -> None:
     compared by equality, with what older checkpoints left out filled in (the family's block switches)."""
     from models import SWITCHES, family_of
 
-    keys = ("name", "input_size", "in_channels", "num_classes", "learn_sigma", "guidance_embedding", "z_dim",
-            "extra_in_channels", "alignment", *SWITCHES)
-    defaults = {"guidance_embedding": False, "z_dim": 0, "extra_in_channels": 0, "alignment": None}  # older ones
+    keys = ("name", "input_size", "in_channels", "num_classes", "learn_sigma", "guidance_embedding",
+            "interval_embedding", "z_dim", "extra_in_channels", "alignment", *SWITCHES)
+    defaults = {"guidance_embedding": False, "interval_embedding": False, "z_dim": 0, "extra_in_channels": 0,
+                "alignment": None}  # what older checkpoints left out
 
     def value(args: dict, key: str):
         if key in SWITCHES:

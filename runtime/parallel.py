@@ -32,10 +32,15 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Replicated:
-    """DDP (or one plain process): the modules whole on every rank."""
+    """DDP (or one plain process): the modules whole on every rank. `functional`: the method's loss applies
+    torch.func to the network (MeanFlow's JVP), which cannot run through DDP: the modules stay bare and
+    `reduce_gradients` averages the gradients over the ranks, as DDP's all-reduce would."""
 
     name = "ddp"
     sharded = False
+
+    def __init__(self, functional: bool = False):
+        self.functional = functional
 
     def setup(self, modules: dict, settings, want_ema: bool) -> nn.Module | None:
         """Lay the modules out for training (in place); the EMA of "model", or None."""
@@ -46,7 +51,7 @@ class Replicated:
         nets = {}
         for name, module in modules.items():
             net = torch.compile(module) if settings.compile else module
-            if dist.world_size() > 1:
+            if dist.world_size() > 1 and not self.functional:
                 net = DistributedDataParallel(net, device_ids=[dist.local_rank()] if device.type == "cuda" else None)
             nets[name] = net
         return nets
@@ -59,6 +64,23 @@ class Replicated:
                 if isinstance(net, DistributedDataParallel):
                     stack.enter_context(net.no_sync())
             yield
+
+    def reduce_gradients(self, params: list) -> None:
+        """After the last micro-batch: the mean of every rank's gradients, when DDP did not take them (functional
+        methods); one flat all-reduce. A parameter without a gradient counts as zeros, as in DDP."""
+        if not self.functional or dist.world_size() == 1:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= dist.world_size()
+        for grad, mean in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(mean)
 
     def clip(self, params: list, max_norm: float) -> torch.Tensor:
         """Clip to `max_norm` (inf: only measure); the total norm over every rank's gradients."""
@@ -99,6 +121,7 @@ class Sharded(Replicated):
     def __init__(self, name: str, mesh_shape: tuple, precision: str, device: torch.device):
         from torch.distributed.device_mesh import init_device_mesh
 
+        super().__init__()
         self.name = name
         names = ("replicate", "shard") if len(mesh_shape) == 2 else ("shard",)
         self.mesh = init_device_mesh(device.type, mesh_shape, mesh_dim_names=names)
@@ -162,7 +185,7 @@ def _networks(modules: dict, objective) -> nn.ModuleDict:
     return nn.ModuleDict({name: modules[name] for name in objective.modules})
 
 
-def check(parallel: str, shard_size: int, precision: str, objectives: int) -> tuple:
+def check(parallel: str, shard_size: int, precision: str, objectives: int, functional: bool = False) -> tuple:
     """The mesh shape for train.parallel (() for ddp), or a clear error, before any work."""
     from runtime.config import ConfigError
 
@@ -178,6 +201,9 @@ def check(parallel: str, shard_size: int, precision: str, objectives: int) -> tu
     if objectives > 1:
         raise ConfigError(f"train.parallel={parallel}: this method trains several networks in alternation, which "
                           "the sharded loop does not support; use train.parallel=ddp")
+    if functional:
+        raise ConfigError(f"train.parallel={parallel}: this method differentiates the network forward-mode "
+                          "(torch.func.jvp), which cannot run through FSDP's gathering hooks; use train.parallel=ddp")
     if parallel == "fsdp":
         return (world,)
     shard = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -187,7 +213,8 @@ def check(parallel: str, shard_size: int, precision: str, objectives: int) -> tu
     return (world // shard, shard)
 
 
-def strategy(parallel: str, shard_size: int, precision: str, objectives: int, device: torch.device) -> Replicated:
+def strategy(parallel: str, shard_size: int, precision: str, objectives: int, device: torch.device,
+             functional: bool = False) -> Replicated:
     """The strategy for train.parallel (checked first: see `check`)."""
-    shape = check(parallel, shard_size, precision, objectives)
-    return Sharded(parallel, shape, precision, device) if shape else Replicated()
+    shape = check(parallel, shard_size, precision, objectives, functional)
+    return Sharded(parallel, shape, precision, device) if shape else Replicated(functional)

@@ -147,7 +147,7 @@ def run(
     device = dist.device()
     modules = method.modules()
     spread = parallel.strategy(settings.parallel, settings.shard_size, settings.precision, len(method.objectives()),
-                               device)
+                               device, functional=getattr(method, "functional", False))
     ema = spread.setup(modules, settings, settings.ema_decay > 0)  # FSDP shards the modules (and the EMA) here
     state = LoopState(
         ema=ema,
@@ -315,8 +315,9 @@ def _update(objective, method: Method, nets: dict, state: LoopState, micro_batch
                 loss, metrics = method.loss(objective.name, nets, x, y, generator, *extras)
             state.scaler.scale(loss / len(micro_batches)).backward()
         window.add(metrics, loss)
-    state.scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    state.parallel.reduce_gradients(params)  # functional methods: what DDP would have all-reduced
+    state.scaler.unscale_(optimizer)
     max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
     grad_norm = state.parallel.clip(params, max_norm)
     state.scaler.step(optimizer)

@@ -20,10 +20,11 @@ BASE_MARGS = {"name": "DiT-T/4", "input_size": 8, "in_channels": 1, "num_classes
               "class_dropout_prob": 0.1}
 # A sampler call each method's checkpoints accept cheaply, and a value its config section refuses.
 OWN_SAMPLER = {"diffusion": ("ddim", 2), "distill": ("distilled", 0), "ddgan": ("ddgan", 0), "cld": ("sscs", 2),
-               "flow": ("ode", 2)}
+               "flow": ("ode", 2), "meanflow": ("meanflow", 1)}
 BAD_SECTION = {"diffusion": ("diffusion.schedule=quadratic", "diffusion.schedule"),
                "distill": ("distill.start_steps=12", "power of two"), "ddgan": ("ddgan.num_steps=0", "ddgan.num_steps"),
-               "cld": ("cld.mass=0", "cld.mass"), "flow": ("flow.path=cosine", "flow.path")}
+               "cld": ("cld.mass=0", "cld.mass"), "flow": ("flow.path=cosine", "flow.path"),
+               "meanflow": ("meanflow.ratio=2", "meanflow.ratio")}
 NAMES = registry.names()
 BACKBONES = ("DiT-T/4", "LightningDiT-T/4")
 

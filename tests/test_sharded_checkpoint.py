@@ -125,3 +125,5 @@ def test_the_strategy_guard_rails(monkeypatch):
         parallel.check("fsdp", 0, "fp16", 1)
     with pytest.raises(ConfigError, match="several networks"):
         parallel.check("fsdp", 0, "fp32", 2)
+    with pytest.raises(ConfigError, match="forward-mode"):  # MeanFlow's JVP
+        parallel.check("hsdp", 0, "fp32", 1, functional=True)
