@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from runtime.config import PHASES, ConfigError, load_config  # omegaconf only: no torch yet
 
@@ -40,6 +41,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_experiment_dir(path: str) -> None:
+    """Every phase writes below experiment_dir: a regular file on its path is named before any work."""
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is a file" if folder == Path(path) else f"cannot be created: {folder} is a file"
+                raise FileNotFoundError(f"experiment_dir={path} {what}, not a folder; choose another experiment_dir")
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -62,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dist.init()
     try:
+        check_experiment_dir(cfg.experiment_dir)
         phase.run(cfg)
     except Preempted as stop:  # a clean stop on SIGTERM/SIGINT/SIGUSR1: progress is saved
         print(stop, file=sys.stderr, flush=True)

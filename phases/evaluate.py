@@ -11,6 +11,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from metrics.features import FeatureExtractor
+from metrics.npz import inspect_npz
 from phases import fid_sweep, scoring
 from phases.generation import output_root
 from runtime import distributed as dist
@@ -51,6 +52,8 @@ def run(cfg: DictConfig, feature_extractor: Optional[FeatureExtractor] = None) -
         raise FileNotFoundError(f"samples file not found: {samples} (run the inference phase or set evaluate.samples)")
     if not Path(ec.reference).is_file():
         raise FileNotFoundError(f"evaluate.reference={ec.reference}: no such file; {REFERENCE_HELP}")
+    inspect_npz(ec.reference)  # both files' formats, before the feature network is loaded
+    inspect_npz(samples)
     extractor = feature_extractor if feature_extractor is not None else scoring.feature_network(cfg, dist.device())
     record_config(cfg, "evaluate")
     return scoring.score_and_record(cfg, extractor, samples, scoring.results_path(cfg, samples))

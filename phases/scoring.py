@@ -39,6 +39,7 @@ def load_evaluator(cfg: DictConfig) -> Optional[FeatureExtractor]:
     """Check the evaluation inputs (every rank) and load the feature network (rank 0; None elsewhere)."""
     if not cfg.evaluate.reference or not Path(cfg.evaluate.reference).is_file():
         raise FileNotFoundError(f"evaluate.reference={cfg.evaluate.reference!r} is not a file: {REFERENCE_HELP}")
+    inspect_npz(cfg.evaluate.reference)  # its format, before the feature network is loaded
     return feature_network(cfg, dist.device()) if dist.is_main() else None
 
 

@@ -112,6 +112,10 @@ def load_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise BrokenCheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if not head.startswith(TORCH_MAGIC):
+        raise BrokenCheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint ({_what_it_is(head)})")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -120,6 +124,19 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict):
         raise BrokenCheckpointError(f"cannot read checkpoint {path}: it holds a {type(state).__name__}, not a dict")
     return state
+
+
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the legacy pickle (protocol >= 2)
+
+
+def _what_it_is(head: bytes) -> str:
+    """A few words on a file's first bytes: its text, or its bytes in hex."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it starts with the bytes {head[:8].hex(' ')}"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"a text file starting {first!r}" if first else "a file of white space"
 
 
 def _load_folder(path: Path) -> dict:
@@ -191,7 +208,8 @@ def resolve_checkpoint(ckpt: str | None, experiment_dir: str | Path) -> Path:
     if ckpt:
         path = Path(ckpt)
         if path.is_dir() and not sharded_checkpoint.is_sharded(path):
-            raise FileNotFoundError(f"ckpt={ckpt}: a folder, but not a finished sharded checkpoint")
+            raise FileNotFoundError(f"ckpt={ckpt} is a directory, not a checkpoint file (nor a finished sharded "
+                                    f"checkpoint folder){_inside(path)}")
         if not path.exists():
             raise FileNotFoundError(f"ckpt={ckpt}: no such checkpoint file")
         return path
@@ -201,3 +219,13 @@ def resolve_checkpoint(ckpt: str | None, experiment_dir: str | Path) -> Path:
             f"no checkpoint in {checkpoint_dir(experiment_dir)}: train first (-p train) or pass ckpt=PATH"
         )
     return latest
+
+
+def _inside(folder: Path) -> str:
+    """What a directory given as a checkpoint holds: the checkpoints in it, or in its checkpoints/ (a run folder)."""
+    for where in (folder, checkpoint_dir(folder)):
+        found = list_checkpoints(where)
+        if found:
+            names = ", ".join(p.name for _, p in found[-5:])
+            return f"; {where} holds {len(found)} checkpoint(s) ({names}): pass one, e.g. ckpt={found[-1][1]}"
+    return "; it holds no checkpoints"

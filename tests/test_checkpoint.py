@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, latest by step number, keep-last-k, weights_only loading."""
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,3 +58,37 @@ def test_weights_only_roundtrip_and_errors(tmp_path):
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken.pt"):
         load_checkpoint(broken)
+
+
+def test_files_and_folders_that_are_not_checkpoints_say_what_they_are(tmp_path):
+    from runtime.checkpoint import BrokenCheckpointError
+
+    text = tmp_path / "notes.pt"
+    text.write_text("101 steps of notes\n")
+    with pytest.raises(BrokenCheckpointError, match="not a torch checkpoint \\(a text file starting '101 steps of notes'\\)"):
+        load_checkpoint(text)
+    binary = tmp_path / "image.pt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    with pytest.raises(BrokenCheckpointError, match="not a torch checkpoint \\(it starts with the bytes 89 50 4e 47"):
+        load_checkpoint(binary)
+    save_checkpoint({"step": 5}, tmp_path / "run", 5)
+    for given in (tmp_path / "run", tmp_path / "run" / "checkpoints"):  # a run folder, or its checkpoints/
+        with pytest.raises(FileNotFoundError, match=f"is a directory, not a checkpoint file .* holds 1 checkpoint\\(s\\) "
+                                                    f"\\(0000005.pt\\): pass one, e.g. ckpt=.*0000005.pt"):
+            resolve_checkpoint(str(given), tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="is a directory, .*; it holds no checkpoints"):
+        resolve_checkpoint(str(tmp_path / "empty"), tmp_path)
+
+
+def test_an_experiment_dir_below_a_file_is_named_before_any_work(tmp_path, capsys):
+    import main
+
+    blocker = tmp_path / "results"
+    blocker.write_text("a file")
+    config = str(Path(__file__).resolve().parents[1] / "configs/demo/digits.yaml")
+    assert main.main(["-c", config, "-p", "sample", f"experiment_dir={blocker / 'run'}"]) == 1
+    err = capsys.readouterr().err
+    assert f"experiment_dir={blocker / 'run'} cannot be created: {blocker} is a file, not a folder" in err
+    assert main.main(["-c", config, "-p", "sample", f"experiment_dir={blocker}"]) == 1
+    assert f"experiment_dir={blocker} is a file, not a folder" in capsys.readouterr().err

@@ -134,6 +134,21 @@ def test_missing_inputs_raise_clear_errors(setup, tmp_path):
         evaluate.run(cfg, feature_extractor=TinyConvNet())
 
 
+def test_a_reference_in_another_format_is_named_before_the_feature_network_loads(setup, tmp_path, monkeypatch):
+    from phases import scoring
+
+    def never(*args, **kwargs):
+        raise AssertionError("the feature network was loaded before the reference was checked")
+
+    monkeypatch.setattr(scoring, "feature_network", never)
+    cfg, _, _ = setup
+    (tmp_path / "reference.npz").write_text("not an archive")
+    with pytest.raises(ValueError, match="reference.npz is not an .npz \\(zip\\) archive"):
+        evaluate.run(cfg)
+    with pytest.raises(ValueError, match="reference.npz is not an .npz"):
+        scoring.load_evaluator(cfg)
+
+
 def test_other_ranks_do_nothing(setup, monkeypatch, tmp_path):
     cfg, _, _ = setup
     monkeypatch.setattr(dist, "is_main", lambda: False)

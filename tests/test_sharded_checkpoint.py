@@ -80,7 +80,7 @@ def test_folders_and_files_are_listed_pruned_and_resolved_alike(tmp_path):
     assert latest_checkpoint(tmp_path) == sharded_path(tmp_path, 30)
     assert resolve_checkpoint(None, tmp_path) == sharded_path(tmp_path, 30)
     assert resolve_checkpoint(str(sharded_path(tmp_path, 20)), tmp_path) == sharded_path(tmp_path, 20)
-    with pytest.raises(FileNotFoundError, match="not a finished sharded checkpoint"):
+    with pytest.raises(FileNotFoundError, match="nor a finished sharded checkpoint folder"):
         resolve_checkpoint(str(unfinished), tmp_path)
     prune(folder, keep_last=1)
     assert [step for step, _ in list_checkpoints(folder)] == [30]
