@@ -22,7 +22,7 @@ from diffusion.cld_samplers import euler_maruyama_sample, probability_flow_sampl
 from diffusion.guidance import guided_model_fn
 from diffusion.noise import per_row_noise
 from methods.base import SingleNetwork
-from methods.sampling import interval_of
+from methods.sampling import interval_of, refuse_eta
 from methods.spec import MethodSpec
 from methods.timestep_buckets import TimestepBuckets
 from models.flops import dit_forward_flops
@@ -110,8 +110,7 @@ def check_settings(settings: DictConfig) -> None:
     if settings.sampler != "cld-ode" and settings.steps < 2:
         raise ValueError(f"{settings.sampler} needs steps >= 2 (score evaluations, the denoising step included), "
                          f"got steps={settings.steps}")
-    if settings.eta:
-        raise ValueError(f"eta is DDIM's; the CLD samplers cannot honour eta={settings.eta} (set eta=0)")
+    refuse_eta(settings, "the CLD samplers")
 
 
 def _ode_settings(cfg: DictConfig | None) -> dict:

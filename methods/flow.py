@@ -37,7 +37,7 @@ from diffusion.guidance import guided_model_fn
 from diffusion.likelihood import mean_flat
 from diffusion.noise import per_row_noise
 from methods.base import SingleNetwork
-from methods.sampling import interval_of
+from methods.sampling import interval_of, refuse_eta
 from methods.spec import MethodSpec, Published
 from methods.timestep_buckets import TimestepBuckets
 from models.flops import dit_forward_flops
@@ -213,8 +213,7 @@ def _velocity_field(model, process: FlowProcess, path: Interpolant, y, settings:
 
 def check_settings(fc: DictConfig, settings: DictConfig) -> None:
     """Settings of the flow samplers, named before any sampling (the sampler name: methods/sampling.py)."""
-    if settings.eta:
-        raise ValueError(f"eta is DDIM's; the flow samplers cannot honour eta={settings.eta} (set eta=0)")
+    refuse_eta(settings, "the flow samplers")
     adaptive = settings.sampler == "ode" and fc.ode_solver == "adaptive"
     if adaptive and float(settings.time_shift) != 1.0:
         raise ValueError(f"time_shift={settings.time_shift} shifts a fixed time grid; flow.ode_solver=adaptive "

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from methods.base import SingleNetwork
+from methods.sampling import refuse_eta
 from methods.spec import MethodSpec
 from models.flops import dit_forward_flops
 from runtime.config import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ConfigError, check_values
@@ -189,8 +190,7 @@ def check_init(meta: dict, cfg: DictConfig) -> None:
 
 
 def check_settings(settings: DictConfig) -> None:
-    if settings.eta:
-        raise ValueError(f"eta is DDIM's; the meanflow sampler cannot honour eta={settings.eta} (set eta=0)")
+    refuse_eta(settings, "the meanflow sampler")
     if int(settings.steps) < 1:
         raise ValueError(f"the meanflow sampler needs steps >= 1 (1: one network evaluation), got {settings.steps}")
 

@@ -27,6 +27,12 @@ def check_null_class(model_args: dict, setting: str) -> None:
         )
 
 
+def refuse_eta(settings: DictConfig, samplers: str) -> None:
+    """eta is DDIM's: `samplers` (e.g. "the flow samplers") have no such knob, so a non-zero eta is an error."""
+    if settings.eta:
+        raise ValueError(f"eta is DDIM's; {samplers} cannot honour eta={settings.eta} (set eta=0)")
+
+
 def resolved_settings(spec: MethodSpec, settings: DictConfig) -> DictConfig:
     """The settings with the method's defaults filled in (cfg_all_channels None)."""
     out = OmegaConf.create(OmegaConf.to_container(settings))

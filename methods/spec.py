@@ -11,10 +11,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 
-def _accept(*args, **kwargs) -> None:
-    return None
-
-
 @dataclass(frozen=True)
 class Published:
     """A checkpoint written by another tool, read as one of ours.
@@ -84,14 +80,19 @@ class MethodSpec:
     metadata: Optional[Callable] = None
     flops_per_image: Optional[Callable] = None
     validation_loss: Optional[Callable] = None
-    check_config: Callable = field(default=_accept)
+    check_config: Callable = field(default_factory=lambda: _accept)
     recognise: Optional[Callable] = None
     read_bare: Optional[Callable] = None
     locate: Optional[Callable] = None
     output_root: Optional[Callable] = None
-    check_init: Callable = field(default=_accept)
+    check_init: Callable = field(default_factory=lambda: _accept)
     teacher: Optional[Callable] = None
 
     @property
     def trainable(self) -> bool:
         return self.build is not None
+
+
+def _accept(*args, **kwargs) -> None:
+    """The default check: accept anything (a method with nothing of its own to check)."""
+    return None

@@ -20,6 +20,7 @@ from methods.sampling import generation_sampler
 from phases.generation import Generator
 from phases.sample import grid_image, save_png
 from runtime import distributed as dist
+from runtime import parallel
 from runtime.config import sampler_settings
 from runtime.console import MetricsLog
 
@@ -45,7 +46,7 @@ class TrainingGrids:
         self.columns = cfg.sample.per_class if cfg.sample.per_class > 1 else math.ceil(math.sqrt(len(self.labels)))
         self.folder = Path(cfg.experiment_dir) / "samples" / "train"
         self.autoencoder = None
-        self.every_rank = cfg.train.parallel != "ddp"  # runtime/parallel.py: the sharded strategies
+        self.every_rank = cfg.train.parallel in parallel.SHARDED  # a sharded model's forward needs every rank
         if dist.is_main() or self.every_rank:  # loaded now: one that cannot be loaded stops the run before training
             self.autoencoder = load_autoencoder(cfg.autoencoder.name, dist.device(), norm=norm)
 

@@ -26,6 +26,9 @@ from runtime import distributed as dist
 from runtime.ema import create_ema
 
 
+SHARDED = ("fsdp", "hsdp")  # the train.parallel values whose modules are sharded (every rank runs their forward)
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of a (possibly sharded) tensor."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -395,8 +395,8 @@ def _save(run_dir: Path, step: int, method: Method, state: LoopState, settings: 
     Off-cycle checkpoints (time-based or on a stop signal) are kept only until a newer one exists.
     """
     _check_finite_weights(method, state, step, last_saved)
-    meta = dict(scaler=state.scaler.state_dict(), method_state=method.state_dict(), step=step,
-                data_position=step * settings.batch_size, rng=_rng_state(), **metadata)
+    meta = dict(scaler=state.scaler.state_dict(), method_state=method.state_dict(), step=step,  # rank 0 writes it
+                data_position=step * settings.batch_size, rng=_rng_state(), **metadata) if dist.is_main() else {}
     parts = (method.modules(), state.ema, state.optimizers, method.objectives())
     try:
         if state.parallel.sharded:
