@@ -28,6 +28,19 @@ def digits_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     return resized, digits.target.astype(np.int64)
 
 
+def held_out_start(num_images: int) -> int:
+    """Where the held-out fifth of the digits begins (the demo's classifiers train on the rest)."""
+    return num_images * 4 // 5
+
+
+def shifted(images: torch.Tensor, generator: torch.Generator, most: int = 2) -> torch.Tensor:
+    """The batch moved by up to `most` pixels each way (one random shift, zero fill): the demo classifiers'
+    augmentation."""
+    dy, dx = torch.randint(0, 2 * most + 1, (2,), generator=generator).tolist()
+    side = images.shape[-1]
+    return torch.nn.functional.pad(images, (most, most, most, most))[..., dy:dy + side, dx:dx + side]
+
+
 class DigitsSource(Dataset):
     """Item i -> (i, uint8 tensor [1, S, S], ""): the same interface as ImageFolderSource."""
 

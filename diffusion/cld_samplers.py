@@ -36,17 +36,28 @@ def _check_state(x: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"x and v must have the same shape [B, ...], got {tuple(x.shape)} and {tuple(v.shape)}")
 
 
-def sde_time_grid(cld: CLD, steps: int, denoise: bool = True) -> torch.Tensor:
+STRIDINGS = ("linear", "quadratic")
+
+
+def sde_time_grid(cld: CLD, steps: int, denoise: bool = True, striding: str = "linear") -> torch.Tensor:
     """The forward times t_0 = 1 > ... > t_n = sampling_eps (float64) of SSCS and Euler-Maruyama.
 
     As in the official samplers, `steps` counts score evaluations: with the denoising step there
-    are steps - 1 uniform intervals (the last evaluation is the denoising step), else steps.
-    The grid is 1 - linspace(0, 1 - eps, n + 1), the official reverse-time grid mapped to t.
+    are steps - 1 intervals (the last evaluation is the denoising step), else steps. In reverse
+    time r = 1 - t the official grid is r_k = linspace(0, 1 - eps, n + 1) ("linear" striding) or
+    r_k = (1 - eps)(1 - (1 - k/n)^2) ("quadratic": steps shrinking linearly toward the data, where
+    the score is stiff; the last one is (1 - eps)/n^2). Both are returned as t = 1 - r.
     """
     intervals = steps - 1 if denoise else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or intervals < 1:
         raise ValueError(f"need an integer steps >= {2 if denoise else 1}, got {steps!r}")
-    return 1.0 - torch.linspace(0.0, 1.0 - cld.sampling_eps, intervals + 1, dtype=torch.float64)
+    if striding not in STRIDINGS:
+        raise ValueError(f"unknown striding {striding!r}; use one of {', '.join(STRIDINGS)}")
+    end = 1.0 - cld.sampling_eps
+    reverse = torch.linspace(0.0, end, intervals + 1, dtype=torch.float64)
+    if striding == "quadratic":
+        reverse = end * (1.0 - (1.0 - reverse / end) ** 2)
+    return 1.0 - reverse
 
 
 def _reverse_drift(
@@ -100,11 +111,11 @@ def _analytic_half_step(
 
 
 def _reverse_sde(cld: CLD, score: Score, x: torch.Tensor, v: torch.Tensor, steps: int, denoise: bool,
-                 progress: bool, desc: str, step) -> tuple[torch.Tensor, torch.Tensor]:
+                 striding: str, progress: bool, desc: str, step) -> tuple[torch.Tensor, torch.Tensor]:
     """The loop SSCS and Euler-Maruyama share: step(x, v, t [B], h) over `sde_time_grid`'s intervals
     (t the interval's start, h = t_i - t_{i+1} a 0-dim tensor), then the denoising step; float32 (x, v)."""
     _check_state(x, v)
-    grid = sde_time_grid(cld, steps, denoise).to(x.device)
+    grid = sde_time_grid(cld, steps, denoise, striding).to(x.device)
     with torch.no_grad():
         for i in tqdm(range(len(grid) - 1), desc=desc, disable=not progress):
             x, v = step(x, v, grid[i].expand(x.shape[0]).clone(), grid[i] - grid[i + 1])
@@ -122,6 +133,7 @@ def sscs_sample(
     noise: Noise,
     denoise: bool = True,
     progress: bool = False,
+    striding: str = "linear",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric Splitting CLD Sampler (paper Sec. 3 and App. D; official `get_sscs_sampler`).
 
@@ -141,7 +153,7 @@ def sscs_sample(
         v = v + _rows(h * 2.0 * cld.damping * cld.beta, v) * (s + v / cld.mass)
         return _analytic_half_step(cld, x, v, h / 2, noise)
 
-    return _reverse_sde(cld, score, x, v, steps, denoise, progress, f"sscs{steps}", step)
+    return _reverse_sde(cld, score, x, v, steps, denoise, striding, progress, f"sscs{steps}", step)
 
 
 def euler_maruyama_sample(
@@ -153,6 +165,7 @@ def euler_maruyama_sample(
     noise: Noise,
     denoise: bool = True,
     progress: bool = False,
+    striding: str = "linear",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euler-Maruyama on the reverse SDE, the baseline SSCS is compared with (official `get_em_sampler`).
 
@@ -167,7 +180,7 @@ def euler_maruyama_sample(
         z = noise(x.shape).to(device=x.device, dtype=x.dtype)
         return x + h.item() * dx, v + h.item() * dv + (2.0 * cld.damping * cld.beta * h.item()) ** 0.5 * z
 
-    return _reverse_sde(cld, score, x, v, steps, denoise, progress, f"em{steps}", step)
+    return _reverse_sde(cld, score, x, v, steps, denoise, striding, progress, f"em{steps}", step)
 
 
 def _pf_rhs(cld: CLD, score: Score, u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from diffusion.cld import CLD
-from diffusion.cld_samplers import euler_maruyama_sample, probability_flow_sample, sscs_sample
+from diffusion.cld_samplers import STRIDINGS, euler_maruyama_sample, probability_flow_sample, sscs_sample
 from diffusion.guidance import guided_model_fn
 from diffusion.noise import per_row_noise
 from methods.base import SingleNetwork
@@ -96,7 +96,7 @@ def build(cfg: DictConfig, model: nn.Module, device: torch.device) -> CLDMethod:
 def check_config(cfg: DictConfig) -> None:
     """cld.*: the process and the ODE solver's settings."""
     cc = cfg.cld
-    check_choices(cfg, {"cld.ode_solver": ("adaptive", "rk4", "heun", "euler")})
+    check_choices(cfg, {"cld.ode_solver": ("adaptive", "rk4", "heun", "euler"), "cld.striding": STRIDINGS})
     for key in ("mass", "beta", "gamma", "ode_rtol", "ode_atol"):
         if not cc[key] > 0:
             raise ConfigError(f"invalid value cld.{key}={cc[key]}: it must be > 0")
@@ -113,10 +113,11 @@ def check_settings(settings: DictConfig) -> None:
     refuse_eta(settings, "the CLD samplers")
 
 
-def _ode_settings(cfg: DictConfig | None) -> dict:
+def _solver_settings(cfg: DictConfig | None) -> dict:
     c = cfg.cld if cfg is not None else None
     return {"solver": c.ode_solver if c is not None else "adaptive",
-            "rtol": c.ode_rtol if c is not None else 1e-5, "atol": c.ode_atol if c is not None else 1e-5}
+            "rtol": c.ode_rtol if c is not None else 1e-5, "atol": c.ode_atol if c is not None else 1e-5,
+            "striding": c.striding if c is not None else "linear"}
 
 
 def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, checkpoint: dict, settings: DictConfig):
@@ -126,16 +127,17 @@ def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, chec
     process = process_of(checkpoint["cld"])
     scale, all_channels = float(settings.cfg_scale), bool(settings.cfg_all_channels)
     num_classes, channels, steps = model_args["num_classes"], model_args["in_channels"], int(settings.steps)
-    ode = _ode_settings(cfg)
+    ode = _solver_settings(cfg)  # cld.ode_* and the SDE samplers' cld.striding
     interval = interval_of(settings)
     if settings.sampler == "cld-ode" and ode["solver"] != "adaptive" and steps < 1:
         raise ValueError(f"cld-ode with cld.ode_solver={ode['solver']} needs steps >= 1, got steps={steps}")
 
     def run(score, x, v, noise, progress):
         if settings.sampler == "sscs":
-            return sscs_sample(process, score, x, v, steps, noise, progress=progress)
+            return sscs_sample(process, score, x, v, steps, noise, progress=progress, striding=ode["striding"])
         if settings.sampler == "euler-maruyama":
-            return euler_maruyama_sample(process, score, x, v, steps, noise, progress=progress)
+            return euler_maruyama_sample(process, score, x, v, steps, noise, progress=progress,
+                                         striding=ode["striding"])
         return probability_flow_sample(process, score, x, v, steps=steps, solver=ode["solver"], rtol=ode["rtol"],
                                        atol=ode["atol"], progress=progress)
 
@@ -161,7 +163,9 @@ def generation_sampler(cfg: DictConfig, model: nn.Module, model_args: dict, chec
 def describe_sampler(checkpoint: dict, settings: DictConfig, cfg: DictConfig) -> str:
     if settings.sampler == "cld-ode":
         return f"cld-ode (probability-flow ODE, see cld.ode_solver), cfg scale {settings.cfg_scale}"
-    return f"{settings.sampler} x {settings.steps} score evaluations (CLD), cfg scale {settings.cfg_scale}"
+    striding = cfg.cld.striding if cfg is not None else "linear"
+    return (f"{settings.sampler} x {settings.steps} score evaluations (CLD, {striding} time grid), "
+            f"cfg scale {settings.cfg_scale}")
 
 
 SPEC = MethodSpec(

@@ -109,6 +109,7 @@ class CLDConfig:
     sampling_eps: float = 1.0e-3  # the samplers stop here, then one denoising step to t = 0
     numerical_eps: float = 1.0e-9  # added to the kernel's variances (a finite Cholesky factor at tiny t)
     mixed_score: bool = True  # the network corrects the analytic score -v / Svv
+    striding: str = "linear"  # sscs / euler-maruyama time grid: linear | quadratic (smaller steps near the data)
     ode_solver: str = "adaptive"  # cld-ode: adaptive (per-sample Dormand-Prince 5(4)) | rk4 | heun | euler
     ode_rtol: float = 1.0e-5
     ode_atol: float = 1.0e-5

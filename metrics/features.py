@@ -54,11 +54,14 @@ class FeatureExtractor(ABC):
     """uint8 [B, 3, H, W] images in [0, 255] -> Features.
 
     `id` names the network and its outputs; cached reference statistics are keyed by it, so
-    it must change whenever the features would.
+    it must change whenever the features would. `classifies_labels`: the logits' classes are the
+    generator's labels (the digits classifier, not Inception's 1008 classes), so the share of
+    samples classified as the label they were generated for is a meaningful score.
     """
 
     id: str = "unnamed"
     device: torch.device = torch.device("cpu")
+    classifies_labels: bool = False
 
     @abstractmethod
     def __call__(self, images: torch.Tensor) -> Features:

@@ -18,7 +18,6 @@ from runtime import distributed as dist
 from runtime.config import record_config
 from runtime.console import MetricsLog
 
-REFERENCE_HELP = scoring.REFERENCE_HELP
 
 
 def samples_path(cfg: DictConfig) -> Path:
@@ -46,12 +45,12 @@ def run(cfg: DictConfig, feature_extractor: Optional[FeatureExtractor] = None) -
         return {}
     ec = cfg.evaluate
     if not ec.reference:
-        raise ValueError(f"evaluate.reference is not set: {REFERENCE_HELP}")
+        raise ValueError(f"evaluate.reference is not set: {scoring.reference_help(cfg)}")
     samples = samples_path(cfg)
     if not samples.is_file():
         raise FileNotFoundError(f"samples file not found: {samples} (run the inference phase or set evaluate.samples)")
     if not Path(ec.reference).is_file():
-        raise FileNotFoundError(f"evaluate.reference={ec.reference}: no such file; {REFERENCE_HELP}")
+        raise FileNotFoundError(f"evaluate.reference={ec.reference}: no such file; {scoring.reference_help(cfg)}")
     inspect_npz(ec.reference)  # both files' formats, before the feature network is loaded
     inspect_npz(samples)
     extractor = feature_extractor if feature_extractor is not None else scoring.feature_network(cfg, dist.device())

@@ -14,9 +14,10 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from metrics.features import FeatureExtractor, build_inception, extract_npz_features
+from metrics.digits_features import TRAIN_HELP as DIGITS_TRAIN_HELP, DigitsFeatures
 from metrics.frechet import feature_statistics, frechet_distance
 from metrics.inception_score import class_probabilities, inception_score
-from metrics.npz import inspect_npz
+from metrics.npz import inspect_npz, read_labels
 from metrics.precision_recall import precision_recall
 from metrics.reference import reference_statistics
 from phases.generation import output_root
@@ -26,19 +27,31 @@ from runtime.console import MetricsLog, info
 
 REFERENCE_HELP = (
     "set evaluate.reference to an ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz from "
-    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/, or make one from "
+    "a latent cache with `python scripts/reference_batch.py -c CONFIG`"
 )
+DIGITS_REFERENCE_HELP = "make it from the demo's cache with `python scripts/reference_batch.py -c CONFIG` (seconds)"
+
+
+def reference_help(cfg: DictConfig) -> str:
+    """What to do about a missing reference batch, for the configured feature network."""
+    return DIGITS_REFERENCE_HELP if cfg.evaluate.features == "digits" else REFERENCE_HELP
 
 
 def feature_network(cfg: DictConfig, device) -> FeatureExtractor:
-    """The network whose features the metrics compare (the TF Inception of ADM's evaluator)."""
+    """The network whose features the metrics compare: evaluate.features = inception (the TF Inception of ADM's
+    evaluator) or digits (the demo's classifier, metrics/digits_features.py)."""
+    if cfg.evaluate.features == "digits":
+        if not cfg.evaluate.digits_classifier:
+            raise ValueError(f"evaluate.features=digits needs evaluate.digits_classifier=PATH; {DIGITS_TRAIN_HELP}")
+        return DigitsFeatures(cfg.evaluate.digits_classifier, device)
     return build_inception(cfg.evaluate.inception_weights, device)
 
 
 def load_evaluator(cfg: DictConfig) -> Optional[FeatureExtractor]:
     """Check the evaluation inputs (every rank) and load the feature network (rank 0; None elsewhere)."""
     if not cfg.evaluate.reference or not Path(cfg.evaluate.reference).is_file():
-        raise FileNotFoundError(f"evaluate.reference={cfg.evaluate.reference!r} is not a file: {REFERENCE_HELP}")
+        raise FileNotFoundError(f"evaluate.reference={cfg.evaluate.reference!r} is not a file: {reference_help(cfg)}")
     inspect_npz(cfg.evaluate.reference)  # its format, before the feature network is loaded
     return feature_network(cfg, dist.device()) if dist.is_main() else None
 
@@ -78,6 +91,7 @@ def score_npz(
         mu_s, sigma_s = feature_statistics(features.spatial)
         sfid = frechet_distance(reference.mu_s, reference.sigma_s, mu_s, sigma_s)
     is_mean, is_std = inception_score(class_probabilities(features.logits))
+    accuracy = label_accuracy(features.logits, samples_path) if extractor.classifies_labels else None
     precision = recall = None
     if reference.features is not None:
         precision, recall = precision_recall(reference.features, features.pool, device=extractor.device,
@@ -93,9 +107,19 @@ def score_npz(
         "reference": str(reference_path),
         "samples": str(samples_path),
         "sfid": sfid,
+        "accuracy": accuracy,
         "num_reference_images": reference.num_images,
         "feature_extractor": extractor.id,
     }
+
+
+def label_accuracy(logits, samples_path: Path) -> Optional[float]:
+    """The share of samples the classifier assigns to the label they were generated for (arr_1); None
+    without labels."""
+    labels = read_labels(samples_path)
+    if labels is None:
+        return None
+    return float((logits.argmax(axis=1) == labels).mean())
 
 
 def format_table(results: dict) -> str:
@@ -106,15 +130,18 @@ def format_table(results: dict) -> str:
         return "n/a" if number is None else f"{number:.{digits}f}"
 
     no_images = "n/a (reference has no arr_0 images)"
+    distance = "FID" if "inception" in results["feature_extractor"] else "FD"  # FID means Inception's features
     rows = [
         f"samples    {results['samples']} ({results['num_samples']} images)",
         f"reference  {results['reference']} ({results['num_reference_images']} images)",
-        f"  FID        {value('fid')}",
+        f"  {distance:<11s}{value('fid')}",
         f"  sFID       {value('sfid')}",
         f"  IS         {value('is', 2)} +- {value('is_std', 2)}",
         f"  Precision  {value('precision') if results['precision'] is not None else no_images}",
         f"  Recall     {value('recall') if results['recall'] is not None else no_images}",
     ]
+    if results.get("accuracy") is not None:
+        rows.append(f"  Accuracy   {value('accuracy')} (samples classified as the label they were generated for)")
     return "\n".join(rows)
 
 

@@ -179,7 +179,9 @@ class InferenceConfig:
 class EvaluateConfig:
     samples: Optional[str] = None  # default: inference.output
     reference: Optional[str] = None  # ADM reference batch .npz (images or mu/sigma)
+    features: str = "inception"  # the feature network: inception (ADM's, for papers) | digits (the demo's classifier)
     inception_weights: Optional[str] = None  # local torch-fidelity Inception weights file
+    digits_classifier: Optional[str] = None  # evaluate.features=digits: scripts/train_digits_classifier.py's file
     batch_size: int = 200
     output: Optional[str] = None  # default <experiment_dir>/eval/<samples stem>.json
     adm_distances: bool = False  # precision/recall distances in float16 (float32 fallback) as ADM; default float64
@@ -278,6 +280,7 @@ _CHOICES = {
     "autoencoder.normalization": ("scale", "channel"),
     "extract.store_images": ("none", "jpeg", "png"),
     "model.method": registry.trainable_names(),
+    "evaluate.features": ("inception", "digits"),
 }
 AT_LEAST_ONE = (lambda v: v >= 1, "it must be at least 1")
 NON_NEGATIVE = (lambda v: v >= 0, "it must be >= 0")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets.digits import digits_images  # noqa: E402
+from datasets.digits import digits_images, held_out_start, shifted  # noqa: E402
 from models.encoders import encoder_input  # noqa: E402
 
 ARCHITECTURE = "vit_tiny_patch16_224"
@@ -34,19 +34,12 @@ def build(image_size: int = 16) -> torch.nn.Module:
     return timm.create_model(ARCHITECTURE, pretrained=False, img_size=image_size, num_classes=10, **SIZES)
 
 
-def shifted(images: torch.Tensor, generator: torch.Generator, most: int = 2) -> torch.Tensor:
-    """The batch moved by up to `most` pixels each way (one random shift, zero fill): the augmentation."""
-    dy, dx = torch.randint(0, 2 * most + 1, (2,), generator=generator).tolist()
-    side = images.shape[-1]
-    return F.pad(images, (most, most, most, most))[..., dy:dy + side, dx:dx + side]
-
-
 def train(steps: int, batch_size: int, seed: int) -> tuple[torch.nn.Module, float]:
     """The classifier and its accuracy on the last fifth of the digits (held out)."""
     torch.manual_seed(seed)
     images, labels = digits_images(16)
     images, labels = torch.from_numpy(images)[:, None], torch.from_numpy(labels)
-    split = len(images) * 4 // 5
+    split = held_out_start(len(images))
     vit = build()
     mean = torch.tensor(vit.pretrained_cfg["mean"])
     std = torch.tensor(vit.pretrained_cfg["std"])

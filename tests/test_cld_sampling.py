@@ -55,7 +55,7 @@ def test_guidance_acts_on_the_network_output_with_dits_convention():
     captured = {}
     settings = OmegaConf.create({"sampler": "sscs", "steps": 2, "cfg_scale": 3.0, "eta": 0.0, "cfg_all_channels": True})
 
-    def fake_sscs(proc, score, x0, v0, steps, noise, progress=False):
+    def fake_sscs(proc, score, x0, v0, steps, noise, progress=False, striding="linear"):
         captured["score"] = score(x, v, t)
         return x0, v0
 

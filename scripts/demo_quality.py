@@ -1,0 +1,189 @@
+"""One table of measured quality for the demo: every method and sampler at its documented settings, several seeds.
+
+    python scripts/demo_quality.py [--seeds 0 1] [--num 1000] [--only REGEX] [--out runs/demo_quality]
+
+Each row is a trained demo run (configs/demo/*.yaml; train them first: scripts/demo.sh, the method sections of
+README) sampled through the same path as `-p inference` (the checkpoint's EMA weights, per-image seeds, the
+run's cfg scale), `--num` images per seed with class-balanced labels, and scored as `-p evaluate` scores them with the demo's settings
+(`evaluate.features=digits`): the Frechet distance (FD) and precision/recall in the digit classifier's features
+against the reference batch (the cache's 1,797 images), and the share of samples the classifier reads as the
+digit their label asks for. The first row is `--num` real digits drawn from the reference, the floor of an FD at
+this sample size. NFE = network evaluations per image, counted by a hook on the network (a CFG pair counts 2);
+seconds = sampling the images on this machine, decoding included. Columns give mean +- the spread (half the
+range over the seeds; with two seeds, half their difference).
+
+Each (row, seed) is saved as <out>/<row>/seed<S>.json next to its .npz, so an interrupted table continues
+where it stopped; the markdown table is printed at the end and written to <out>/table.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from methods.sampling import sampled_checkpoint  # noqa: E402
+from phases.generation import load_generator  # noqa: E402
+from phases.npz_generation import generate_npz, inference_identity, sample_labels  # noqa: E402
+from phases.scoring import feature_network, score_npz  # noqa: E402
+from runtime.atomic_file import write_text_atomic  # noqa: E402
+from runtime.config import load_config, sampler_settings  # noqa: E402
+
+DEMO = "configs/demo/"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a demo config's run sampled with one sampler setting."""
+
+    name: str  # file-safe id
+    label: str  # what the table says
+    config: str
+    sampler: str
+    steps: int
+    overrides: tuple = field(default_factory=tuple)
+
+
+def _cld(sampler: str, label: str, striding: str, steps: tuple) -> list[Row]:
+    return [Row(f"cld_{sampler}_{striding}_{n}", f"CLD, {label} {n}, {striding} grid", DEMO + "digits_cld.yaml",
+                sampler, n, (f"cld.striding={striding}",)) for n in steps]
+
+
+ROWS: list[Row] = [
+    *[Row(f"ddpm{n}", f"diffusion, DDPM {n}", DEMO + "digits.yaml", "ddpm", n) for n in (50, 100)],
+    *[Row(f"ddim{n}", f"diffusion, DDIM {n}", DEMO + "digits.yaml", "ddim", n) for n in (10, 25, 50)],
+    *[Row(f"dpmpp{n}", f"diffusion, DPM++ {n}", DEMO + "digits.yaml", "dpm++", n) for n in (10, 20)],
+    *[Row(f"distilled{n}", f"progressive distillation, {n}-step student", DEMO + "digits_distill.yaml",
+          "distilled", n) for n in (32, 16, 8, 4, 2, 1)],
+    Row("ddgan4", "DDGAN, 4 steps", DEMO + "digits_ddgan.yaml", "ddgan", 0),
+    *_cld("sscs", "SSCS", "linear", (25, 50, 100)), *_cld("euler-maruyama", "Euler-Maruyama", "linear", (25, 50, 100)),
+    *_cld("sscs", "SSCS", "quadratic", (25, 50)), *_cld("euler-maruyama", "Euler-Maruyama", "quadratic", (25, 50)),
+    *[Row(f"cld_ode_heun{n}", f"CLD, probability-flow ODE, Heun {n}", DEMO + "digits_cld.yaml", "cld-ode", n,
+          ("cld.ode_solver=heun",)) for n in (12, 25)],
+    Row("flow_heun10", "flow matching, ODE Heun 10", DEMO + "digits_flow.yaml", "ode", 10, ("flow.ode_solver=heun",)),
+    Row("flow_euler20", "flow matching, ODE Euler 20", DEMO + "digits_flow.yaml", "ode", 20, ("flow.ode_solver=euler",)),
+    Row("flow_sde50", "flow matching, SDE 50", DEMO + "digits_flow.yaml", "sde", 50),
+    Row("repa_heun10", "flow + REPA, ODE Heun 10", DEMO + "digits_repa.yaml", "ode", 10, ("flow.ode_solver=heun",)),
+    *[Row(f"meanflow{n}", f"MeanFlow, {n} step{'s' if n > 1 else ''}", DEMO + "digits_meanflow.yaml", "meanflow", n)
+      for n in (1, 2)],
+]
+
+
+class EvaluationCounter:
+    """Rows through the network's forward (a forward hook): per image, the network evaluations it cost."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.rows = 0
+        self.handle = model.register_forward_hook(self._count)
+
+    def _count(self, module, inputs, output) -> None:
+        self.rows += inputs[0].shape[0]
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def generate(row: Row, seed: int, num: int, out: Path) -> dict:
+    """Sample `num` images of `row` with `seed` into `out` as `-p inference` does; NFE and seconds."""
+    overrides = [*row.overrides, f"seed={seed}", f"sample.sampler={row.sampler}", f"sample.steps={row.steps}",
+                 "inference.sampler=null", "inference.steps=null", "inference.batch_size=500",
+                 "inference.class_balanced=true"]
+    cfg = load_config(row.config, overrides)
+    settings = sampler_settings(cfg, "inference")
+    ckpt = sampled_checkpoint(cfg, settings)
+    generator = load_generator(cfg, ckpt, settings, cfg.sample.use_ema, torch.device("cpu"))
+    labels = sample_labels(num, generator.model_args["num_classes"], seed, cfg.inference.class_balanced)
+    counter = EvaluationCounter(generator.model)
+    start = time.perf_counter()
+    generate_npz(generator, labels, seed, out, inference_identity(cfg, ckpt, settings, num), 500, None)
+    seconds = time.perf_counter() - start
+    counter.close()
+    return {"nfe": counter.rows / num, "seconds": seconds, "checkpoint": str(ckpt)}
+
+
+def real_digits(reference: Path, seed: int, num: int, out: Path) -> dict:
+    """`num` images drawn without replacement from the reference batch: what a perfect generator would give."""
+    with np.load(reference) as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    rows = np.random.default_rng(seed).permutation(len(images))[:num]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, images[rows], labels[rows])
+    return {"nfe": 0.0, "seconds": 0.0}
+
+
+def measure(row: Row | None, seed: int, num: int, folder: Path, cfg, extractor) -> dict:
+    """One (row, seed): generate, score, save the result JSON (and reuse it when it is there)."""
+    result_file = folder / f"seed{seed}.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    npz = folder / f"seed{seed}.npz"
+    npz.unlink(missing_ok=True)  # a half-made file of an interrupted run is made again
+    if row is None:
+        result = real_digits(Path(cfg.evaluate.reference), seed, num, npz)
+    else:
+        result = generate(row, seed, num, npz)
+    scores = score_npz(npz, cfg.evaluate.reference, extractor, cfg.evaluate.batch_size, folder.parent / "reference_cache",
+                       show_progress=False)
+    result.update({key: scores[key] for key in ("fid", "precision", "recall", "accuracy")})
+    write_text_atomic(result_file, json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def spread(values: list[float], digits: int) -> str:
+    """"mean +- half the range" (just the mean for one value)."""
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
+def table_line(label: str, results: list[dict]) -> str:
+    nfe = results[0]["nfe"]
+    cells = [label, spread([r["fid"] for r in results], 1), spread([r["accuracy"] for r in results], 3),
+             spread([r["precision"] for r in results], 2), spread([r["recall"] for r in results], 2),
+             f"{nfe:.0f}" if nfe == round(nfe) else f"{nfe:.1f}", spread([r["seconds"] for r in results], 1)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--num", type=int, default=1000)
+    parser.add_argument("--only", default="", help="a regular expression: only the rows whose name matches")
+    parser.add_argument("--out", default="runs/demo_quality")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    cfg = load_config(DEMO + "digits.yaml")
+    if not Path(cfg.evaluate.reference).is_file():
+        raise SystemExit(f"no reference batch {cfg.evaluate.reference}: run "
+                         "`python scripts/reference_batch.py -c configs/demo/digits.yaml`")
+    extractor = feature_network(cfg, "cpu")
+    out = Path(args.out)
+    rows = [(None, "real", f"real digits ({args.num:,} of the reference)")] + [(r, r.name, r.label) for r in ROWS]
+    selected = [r for r in rows if re.search(args.only, r[1])]
+    lines = ["| sampler | FD | accuracy | precision | recall | NFE | seconds |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row, name, label in selected:
+        results = []
+        for seed in args.seeds:
+            result = measure(row, seed, args.num, out / name, cfg, extractor)
+            results.append(result)
+            print(f"{name} seed {seed}: FD {result['fid']:.2f}, accuracy {result['accuracy']:.3f}, "
+                  f"NFE {result['nfe']:.1f}, {result['seconds']:.1f} s", flush=True)
+        lines.append(table_line(label, results))
+    table = "\n".join(lines)
+    print(table)
+    if not args.only:
+        write_text_atomic(out / "table.md", table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
