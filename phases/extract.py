@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,13 @@ def _extract(cfg: DictConfig, source, ae, cache_path: Path, folder: Path, settin
         f"({settings['precision']}) into {cache_path}: latent {tuple(settings['latent_shape'])} x 2 flips, "
         f"{dist.world_size()} process(es), {done} already done"
     )
+    start = time.perf_counter()
     _encode_parts(cfg, source, ae, folder, part_size, mine, settings["latent_shape"])  # (+ the crops, if stored)
+    encoded = sum(len(part_range(p, part_size, len(source))) for p in mine)
+    if encoded:
+        seconds = time.perf_counter() - start
+        info(f"encoded {encoded} images in {seconds:.1f} s on rank 0 ({encoded / seconds:.1f} img/s: read, decoded, "
+             "cropped, both flips encoded, written)")
 
     dist.barrier()
     _on_main(lambda: _assemble(cfg, source, cache_path, folder, settings, part_size))

@@ -339,6 +339,10 @@ def _validate(cfg: DictConfig) -> None:
     check_values(cfg, ("train.ema_decay", "model.class_dropout_prob"), UNIT_INTERVAL)
     for key in ("sample.cfg_interval", "inference.cfg_interval"):
         check_interval(OmegaConf.select(cfg, key), key)
+    for name in cfg.repa.encoder_kwargs:
+        if not str(name).isidentifier():  # YAML reads {depth:1} as the key "depth:1" with no value
+            raise ConfigError(f"repa.encoder_kwargs has the key {name!r}, not an argument name: write "
+                              "{depth: 1} with a space after each colon")
     if cfg.train.fid_every and cfg.train.fid_every % cfg.train.ckpt_every:
         raise ConfigError(f"invalid value train.fid_every={cfg.train.fid_every}: it must be a multiple of "
                           f"train.ckpt_every={cfg.train.ckpt_every} (the FID is taken of the checkpoint)")

@@ -48,23 +48,8 @@ from models import create_model  # noqa: E402
 from phases.generation import load_generator, load_model  # noqa: E402
 from runtime import distributed as dist  # noqa: E402
 from runtime.config import load_config, sampler_settings  # noqa: E402
+from scripts.stand_ins import save_random_vae  # noqa: E402
 from runtime.model_spec import model_args_from_config  # noqa: E402
-
-# The architecture of stabilityai/sd-vae-ft-ema / -mse (their config.json): 8x down-sampling, 4 latent channels.
-SD_VAE_ARCHITECTURE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 256,
-    "scaling_factor": 0.18215,
-}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,13 +89,6 @@ def save_random_model(cfg, path: Path, sampler: str, identity: bool) -> dict:
     metadata = {"method": owner.name, **owner.metadata(cfg)} if owner.metadata is not None else {}
     torch.save({"model": weights, "model_args": margs, "autoencoder": autoencoder, **metadata}, path)
     return margs
-
-
-def save_random_vae(folder: Path) -> None:
-    """An SD-VAE-shaped AutoencoderKL with random weights, loadable as autoencoder.name=<folder>."""
-    from diffusers import AutoencoderKL
-
-    AutoencoderKL(**SD_VAE_ARCHITECTURE).save_pretrained(folder)
 
 
 def prepare(cfg, args: argparse.Namespace, folder: Path) -> tuple[Path, str]:

@@ -41,6 +41,7 @@ from datasets.latent_cache import read_cache_info  # noqa: E402
 from runtime.config import load_config  # noqa: E402
 from models.flops import dit_forward_flops  # noqa: E402
 from runtime.model_spec import model_args_from_config  # noqa: E402
+from scripts.stand_ins import save_random_encoder  # noqa: E402
 
 # Keys this script sets for the timed run; a user override of one of them would change what is timed.
 RESERVED_KEYS = ("experiment_dir", "train.max_steps", "train.log_every", "train.ckpt_every",
@@ -88,13 +89,7 @@ def synthetic_cache(cfg, folder: Path, items: int) -> tuple[Path, list[str]]:
 
 def random_encoder(cfg, folder: Path) -> Path:
     """A file of random weights for the config's REPA encoder (timm's layout)."""
-    import timm
-    import torch
-
-    vit = timm.create_model(cfg.repa.encoder, pretrained=False, num_classes=0, **dict(cfg.repa.encoder_kwargs))
-    path = folder / "random_encoder.pth"
-    torch.save(vit.state_dict(), path)
-    return path
+    return save_random_encoder(cfg.repa.encoder, folder / "random_encoder.pth", **dict(cfg.repa.encoder_kwargs))
 
 
 def train_command(config: Path, overrides: list[str], nproc: int) -> list[str]:

@@ -4,8 +4,8 @@
 
 Each row is a trained demo run (configs/demo/*.yaml; train them first: scripts/demo.sh, the method sections of
 README) sampled through the same path as `-p inference` (the checkpoint's EMA weights, per-image seeds, the
-run's cfg scale), `--num` images per seed with class-balanced labels, and scored as `-p evaluate` scores them with the demo's settings
-(`evaluate.features=digits`): the Frechet distance (FD) and precision/recall in the digit classifier's features
+run's cfg scale unless the row says "no guidance"), `--num` images per seed with class-balanced labels, and
+scored as `-p evaluate` scores them with the demo's settings (`evaluate.features=digits`): the Frechet distance (FD) and precision/recall in the digit classifier's features
 against the reference batch (the cache's 1,797 images), and the share of samples the classifier reads as the
 digit their label asks for. The first row is `--num` real digits drawn from the reference, the floor of an FD at
 this sample size. NFE = network evaluations per image, counted by a hook on the network (a CFG pair counts 2);
@@ -58,18 +58,23 @@ def _cld(sampler: str, label: str, striding: str, steps: tuple) -> list[Row]:
 
 
 ROWS: list[Row] = [
-    *[Row(f"ddpm{n}", f"diffusion, DDPM {n}", DEMO + "digits.yaml", "ddpm", n) for n in (50, 100)],
+    *[Row(f"ddpm{n}", f"diffusion, DDPM {n}", DEMO + "digits.yaml", "ddpm", n) for n in (50, 100, 250)],
     *[Row(f"ddim{n}", f"diffusion, DDIM {n}", DEMO + "digits.yaml", "ddim", n) for n in (10, 25, 50)],
+    Row("ddim50_cfg1", "diffusion, DDIM 50, no guidance", DEMO + "digits.yaml", "ddim", 50, ("sample.cfg_scale=1.0",)),
     *[Row(f"dpmpp{n}", f"diffusion, DPM++ {n}", DEMO + "digits.yaml", "dpm++", n) for n in (10, 20)],
     *[Row(f"distilled{n}", f"progressive distillation, {n}-step student", DEMO + "digits_distill.yaml",
           "distilled", n) for n in (32, 16, 8, 4, 2, 1)],
     Row("ddgan4", "DDGAN, 4 steps", DEMO + "digits_ddgan.yaml", "ddgan", 0),
     *_cld("sscs", "SSCS", "linear", (25, 50, 100)), *_cld("euler-maruyama", "Euler-Maruyama", "linear", (25, 50, 100)),
-    *_cld("sscs", "SSCS", "quadratic", (25, 50)), *_cld("euler-maruyama", "Euler-Maruyama", "quadratic", (25, 50)),
+    *_cld("sscs", "SSCS", "quadratic", (25, 50, 100)),
+    *_cld("euler-maruyama", "Euler-Maruyama", "quadratic", (25, 50, 100)),
     *[Row(f"cld_ode_heun{n}", f"CLD, probability-flow ODE, Heun {n}", DEMO + "digits_cld.yaml", "cld-ode", n,
-          ("cld.ode_solver=heun",)) for n in (12, 25)],
+          ("cld.ode_solver=heun",)) for n in (12, 25, 50)],
     Row("flow_heun10", "flow matching, ODE Heun 10", DEMO + "digits_flow.yaml", "ode", 10, ("flow.ode_solver=heun",)),
-    Row("flow_euler20", "flow matching, ODE Euler 20", DEMO + "digits_flow.yaml", "ode", 20, ("flow.ode_solver=euler",)),
+    Row("flow_heun10_cfg1", "flow matching, ODE Heun 10, no guidance", DEMO + "digits_flow.yaml", "ode", 10,
+        ("flow.ode_solver=heun", "sample.cfg_scale=1.0")),
+    Row("flow_euler20", "flow matching, ODE Euler 20", DEMO + "digits_flow.yaml", "ode", 20,
+        ("flow.ode_solver=euler",)),
     Row("flow_sde50", "flow matching, SDE 50", DEMO + "digits_flow.yaml", "sde", 50),
     Row("repa_heun10", "flow + REPA, ODE Heun 10", DEMO + "digits_repa.yaml", "ode", 10, ("flow.ode_solver=heun",)),
     *[Row(f"meanflow{n}", f"MeanFlow, {n} step{'s' if n > 1 else ''}", DEMO + "digits_meanflow.yaml", "meanflow", n)
@@ -130,8 +135,8 @@ def measure(row: Row | None, seed: int, num: int, folder: Path, cfg, extractor) 
         result = real_digits(Path(cfg.evaluate.reference), seed, num, npz)
     else:
         result = generate(row, seed, num, npz)
-    scores = score_npz(npz, cfg.evaluate.reference, extractor, cfg.evaluate.batch_size, folder.parent / "reference_cache",
-                       show_progress=False)
+    scores = score_npz(npz, cfg.evaluate.reference, extractor, cfg.evaluate.batch_size,
+                       folder.parent / "reference_cache", show_progress=False)
     result.update({key: scores[key] for key in ("fid", "precision", "recall", "accuracy")})
     write_text_atomic(result_file, json.dumps(result, indent=1) + "\n")
     return result
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     rows = [(None, "real", f"real digits ({args.num:,} of the reference)")] + [(r, r.name, r.label) for r in ROWS]
     selected = [r for r in rows if re.search(args.only, r[1])]
-    lines = ["| sampler | FD | accuracy | precision | recall | NFE | seconds |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| sampler | FD | accuracy | precision | recall | NFE | seconds |", "|" + " --- |" * 7]
     for row, name, label in selected:
         results = []
         for seed in args.seeds:

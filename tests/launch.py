@@ -2,12 +2,11 @@
 processes (one torch thread each, as torchrun sets), killing a whole launched process tree, and the
 killed-and-resumed training run the methods' end-to-end tests compare with an uninterrupted one."""
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
+from scripts.process_tree import kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,15 +27,6 @@ def torchrun(config, *args) -> list[str]:
     """The command line of `torchrun --standalone --nproc_per_node=2 main.py -c config ...`."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "main.py", "-c", str(config), *args]
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every worker (torchrun starts its workers in their own groups)."""
-    family = [parent := psutil.Process(proc.pid), *parent.children(recursive=True)]
-    for member in family:
-        member.send_signal(signal.SIGKILL)
-    psutil.wait_procs(family, timeout=30)
-    proc.wait()
 
 
 def killed_and_resumed_training(config, common: list, folder: Path, steps: int) -> tuple[dict, dict, str]:

@@ -3,15 +3,15 @@
 Statistical checks use seeded draws and tolerances of Z_TOL standard errors computed from the
 sample size; exact checks use float64 and independent references (matrix exponentials,
 autograd). On Gaussian data the marginal p_t(u) is Gaussian, so the exact score is known and
-each sampler's output moments can be computed without sampling (`_output_moments`).
+each sampler's output moments can be computed without sampling (diffusion/cld_gaussian.py).
 """
 import math
-import sys
 
 import pytest
 import torch
 
 from diffusion.cld import CLD
+from diffusion.cld_gaussian import GaussianData, exact_score, moment_error, output_moments
 from diffusion.cld_samplers import euler_maruyama_sample, probability_flow_sample, sde_time_grid, sscs_sample
 from diffusion.noise import per_row_noise
 
@@ -21,6 +21,7 @@ Z_TOL = 5.0  # statistical tolerance in standard errors: a false alarm has proba
 # Gaussian data per dimension: x0_d ~ N(DATA_MEAN_d, DATA_STD_d^2)
 DATA_MEAN = torch.tensor([-1.0, 0.5, 2.0], dtype=F64)
 DATA_STD = torch.tensor([0.5, 1.0, 1.5], dtype=F64)
+DATA = GaussianData(DATA_MEAN, DATA_STD)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,63 +54,16 @@ def _exact_transition(cld: CLD, t: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gaussian_data_score(cld: CLD, means=None):
-    """The exact velocity score of p_t(u) for DATA_MEAN/DATA_STD data (any per-row t); with `means` [B],
-    row i's data has mean means[i] (a class-conditional score: it needs to know which rows it sees).
-
-    p_t(u) = N(a m, Sigma_t + a a^T s^2) per dimension with a = (a_x, a_v) the mean coefficients,
-    so grad_v log p_t = -(C^-1 (u - a m))_v = -(Cxx (v - a_v m) - Cxv (x - a_x m)) / det C.
-    """
-
-    def score(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, rows=None) -> torch.Tensor:
-        mean = DATA_MEAN
-        if means is not None:
-            mean = (means if rows is None else means[rows]).view(-1, *([1] * (x.dim() - 1)))
-        a_x, a_v = (c.view(-1, 1) for c in cld.mean_coefficients(t))
-        s_xx, s_xv, s_vv = (c.view(-1, 1) for c in cld.covariance(t))
-        var = DATA_STD**2
-        c_xx, c_xv, c_vv = s_xx + a_x * a_x * var, s_xv + a_x * a_v * var, s_vv + a_v * a_v * var
-        det = c_xx * c_vv - c_xv * c_xv
-        return -(c_xx * (v - a_v * mean) - c_xv * (x - a_x * mean)) / det
-
-    return score
+    """The exact score for DATA (diffusion/cld_gaussian.py)."""
+    return exact_score(cld, DATA, means)
 
 
-def _output_moments(cld: CLD, sampler, steps: int, draws_per_step: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact mean and variance of a sampler's x output under the Gaussian-data score.
-
-    With an affine score, SSCS, Euler-Maruyama and fixed-step ODE solvers are affine maps of
-    the prior draw and of every noise draw, row by row. Row 0 gets all zeros (its output is the
-    mean), row 1 a unit prior x, row 2 a one-std prior v, and row 3 + j a unit value in the j-th
-    noise draw only: the variance is the sum of the squared deviations of rows 1.. from row 0.
-    """
-    draws = []
-    rows = 3 + draws_per_step * steps  # SSCS draws 4 times per interval, Euler-Maruyama once, ODEs never
-    x = torch.zeros(rows, len(DATA_MEAN), dtype=F64)
-    v = torch.zeros_like(x)
-    x[1], v[2] = 1.0, math.sqrt(cld.mass)
-
-    def impulse(shape):
-        j = 3 + len(draws)
-        assert j < rows and tuple(shape) == tuple(x.shape)
-        z = torch.zeros(shape, dtype=F64)
-        z[j] = 1.0
-        draws.append(j)
-        return z
-
-    out, _ = sampler(cld, _gaussian_data_score(cld), x, v, steps, impulse)
-    out = out.to(F64)  # float32 outputs: 1e-7 relative, far below the errors measured here
-    deviations = out[1 : 3 + len(draws)] - out[0]
-    return out[0], deviations.pow(2).sum(0)
+def _output_moments(cld: CLD, sampler, steps: int, draws_per_step: int = 4, data=None):
+    return output_moments(cld, data or DATA, sampler, steps, draws_per_step)
 
 
-def _moment_error(mean: torch.Tensor, var: torch.Tensor, target: tuple | None = None) -> float:
-    """Largest of |mean - m| / s and |var - s^2| / s^2 over the data dimensions.
-
-    (m, s^2) are the data's moments unless `target` gives other (mean, variance) to compare with.
-    """
-    ref_mean, ref_var = target if target is not None else (DATA_MEAN, DATA_STD**2)
-    scale = DATA_STD**2
-    return max(((mean - ref_mean) / DATA_STD).abs().max().item(), ((var - ref_var) / scale).abs().max().item())
+def _moment_error(mean: torch.Tensor, var: torch.Tensor, target: tuple | None = None, data=None) -> float:
+    return moment_error(data or DATA, mean, var, target)
 
 
 def _assert_recovers_data(samples: torch.Tensor, what: str) -> None:
@@ -321,19 +275,17 @@ def test_quadratic_striding_is_the_official_grid():
         sde_time_grid(cld, steps, striding="cubic")
 
 
-def test_quadratic_striding_tames_the_stiff_end_on_image_like_data(monkeypatch):
+def test_quadratic_striding_tames_the_stiff_end_on_image_like_data():
     """Narrow per-pixel data (std 0.05..0.4, as pixels given their class): near t = eps the velocity score is
     about -v / (gamma M) = -100 v, and the score step of SSCS (and all of Euler-Maruyama) is explicit, so a
     linear grid's last steps of 1/24 overshoot. The official quadratic grid ends in steps of 1/24^2: at 25
     score evaluations SSCS's moment error falls more than 20-fold, and SSCS then beats Euler-Maruyama."""
-    module = sys.modules[__name__]
-    monkeypatch.setattr(module, "DATA_MEAN", torch.tensor([0.0, -0.5, 0.5], dtype=F64))
-    monkeypatch.setattr(module, "DATA_STD", torch.tensor([0.05, 0.2, 0.4], dtype=F64))
+    narrow = GaussianData.of([0.0, -0.5, 0.5], [0.05, 0.2, 0.4])
     cld = CLD()
 
     def error(sampler, striding):
         run = lambda c, score, x, v, steps, noise: sampler(c, score, x, v, steps, noise, striding=striding)
-        return _moment_error(*_output_moments(cld, run, 25))
+        return _moment_error(*_output_moments(cld, run, 25, data=narrow), data=narrow)
 
     linear, quadratic = error(sscs_sample, "linear"), error(sscs_sample, "quadratic")
     assert quadratic < linear / 20, (linear, quadratic)

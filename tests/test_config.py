@@ -179,3 +179,11 @@ def test_help_and_print_config_do_not_import_torch():
     for args in (["--help"], ["-c", "configs/demo/digits.yaml", "-p", "train", "--print-config"]):
         proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.stdout.strip().endswith("torch imported: False"), proc.stdout + proc.stderr
+
+
+def test_encoder_kwargs_written_without_spaces_are_refused():
+    """YAML reads {depth:1} as one key "depth:1" with no value: silently ignored sizes would misbuild the encoder."""
+    with pytest.raises(ConfigError, match="space after each colon"):
+        load_config(ROOT / "configs/demo/digits_repa.yaml", ["repa.encoder_kwargs={patch_size:4,depth:4}"])
+    cfg = load_config(ROOT / "configs/demo/digits_repa.yaml", ["repa.encoder_kwargs={patch_size: 4, depth: 2}"])
+    assert dict(cfg.repa.encoder_kwargs) == {"patch_size": 4, "depth": 2}

@@ -9,6 +9,7 @@ import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 
 from metrics import features as features_module
+from scripts.stand_ins import save_random_inception
 from metrics.features import (
     INCEPTION_FILENAME,
     INCEPTION_URL,
@@ -87,15 +88,7 @@ def test_weights_that_are_not_a_plain_state_dict_are_refused(tmp_path):
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
     """A state dict for torch-fidelity's Inception with random weights (the real file is not available offline)."""
-    torch.manual_seed(0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        net = tf_inception.FeatureExtractorInceptionV3("x", ["2048"])
-    state = {k: v + 0.1 * torch.randn_like(v) if k == "fc.bias" else v for k, v in net.state_dict().items()}
-    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILENAME
-    torch.save(state, path)
-    return path
+    return save_random_inception(tmp_path_factory.mktemp("inception") / INCEPTION_FILENAME)
 
 
 def test_inception_wrapper_outputs(random_inception_weights):
