@@ -64,7 +64,8 @@ def save_classifier(net: DigitsNet, held_out_accuracy: float, path: str | Path) 
         torch.save(state, handle)
 
 
-def _file_hash(path: Path) -> str:
+def file_hash(path: Path) -> str:
+    """The network's identity (its id, FID sweeps' keys): a retrained file never reuses old numbers."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
@@ -89,7 +90,7 @@ class DigitsFeatures(FeatureExtractor):
         self.net.load_state_dict(state["state_dict"])
         self.net.to(self.device).eval().requires_grad_(False)
         self.held_out_accuracy = float(state["held_out_accuracy"])
-        self.id = f"digits-classifier/{_file_hash(path)}/features{FEATURES}+logits"
+        self.id = f"digits-classifier/{file_hash(path)}/features{FEATURES}+logits"
 
     def __call__(self, images: torch.Tensor) -> Features:
         size = self.net.image_size

@@ -29,7 +29,7 @@ RECORD = "fid_vs_step.json"
 
 
 def sweep_settings(cfg: DictConfig) -> dict:
-    """What the numbers depend on: samples, sampler, seed, weights, reference."""
+    """What the numbers depend on: samples, sampler, seed, weights, reference, feature network."""
     sampler = OmegaConf.to_container(sampler_settings(cfg, "inference"))
     if cfg.evaluate.sampler is not None:
         sampler["sampler"] = cfg.evaluate.sampler
@@ -37,7 +37,8 @@ def sweep_settings(cfg: DictConfig) -> dict:
         sampler["steps"] = cfg.evaluate.steps
     return {"num_samples": cfg.evaluate.num_samples, "sampler": sampler, "seed": cfg.seed,
             "use_ema": cfg.sample.use_ema, "class_balanced": cfg.inference.class_balanced,
-            "reference": str(Path(cfg.evaluate.reference).resolve()) if cfg.evaluate.reference else None}
+            "reference": str(Path(cfg.evaluate.reference).resolve()) if cfg.evaluate.reference else None,
+            "features": scoring.feature_network_name(cfg)}
 
 
 def settings_id(settings: dict) -> str:
@@ -112,7 +113,7 @@ def evaluate_checkpoint(cfg, step: int, path: Path, settings: dict, key: str, fo
     write_text_atomic(folder / RECORD, json.dumps(record, indent=1) + "\n")
     if not cfg.evaluate.keep_samples:
         out.unlink(missing_ok=True)
-    info(f"step {step}: FID {point['fid']:.3f} ({settings['num_samples']} samples)")
+    info(f"step {step}: {scoring.distance_name(results)} {point['fid']:.3f} ({settings['num_samples']} samples)")
     return point
 
 

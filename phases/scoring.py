@@ -14,7 +14,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from metrics.features import FeatureExtractor, build_inception, extract_npz_features
-from metrics.digits_features import TRAIN_HELP as DIGITS_TRAIN_HELP, DigitsFeatures
+from metrics.digits_features import TRAIN_HELP as DIGITS_TRAIN_HELP, DigitsFeatures, file_hash
 from metrics.frechet import feature_statistics, frechet_distance
 from metrics.inception_score import class_probabilities, inception_score
 from metrics.npz import inspect_npz, read_labels
@@ -46,6 +46,20 @@ def feature_network(cfg: DictConfig, device) -> FeatureExtractor:
             raise ValueError(f"evaluate.features=digits needs evaluate.digits_classifier=PATH; {DIGITS_TRAIN_HELP}")
         return DigitsFeatures(cfg.evaluate.digits_classifier, device)
     return build_inception(cfg.evaluate.inception_weights, device)
+
+
+def feature_network_name(cfg: DictConfig) -> str:
+    """Which network and weights `feature_network` loads, the same on every rank (FID sweeps key their points by it)."""
+    ec = cfg.evaluate
+    if ec.features == "digits":
+        found = ec.digits_classifier and Path(ec.digits_classifier).is_file()
+        return f"digits:{file_hash(Path(ec.digits_classifier)) if found else None}"
+    return f"inception:{Path(ec.inception_weights).resolve() if ec.inception_weights else 'default'}"
+
+
+def distance_name(results: dict) -> str:
+    """FID means Inception's features; with any other network the number is an FD."""
+    return "FID" if "inception" in results["feature_extractor"] else "FD"
 
 
 def load_evaluator(cfg: DictConfig) -> Optional[FeatureExtractor]:
@@ -130,7 +144,7 @@ def format_table(results: dict) -> str:
         return "n/a" if number is None else f"{number:.{digits}f}"
 
     no_images = "n/a (reference has no arr_0 images)"
-    distance = "FID" if "inception" in results["feature_extractor"] else "FD"  # FID means Inception's features
+    distance = distance_name(results)
     rows = [
         f"samples    {results['samples']} ({results['num_samples']} images)",
         f"reference  {results['reference']} ({results['num_reference_images']} images)",

@@ -7,8 +7,8 @@ README) sampled through the same path as `-p inference` (the checkpoint's EMA we
 run's cfg scale unless the row says "no guidance"), `--num` images per seed with class-balanced labels, and
 scored as `-p evaluate` scores them with the demo's settings (`evaluate.features=digits`): the Frechet distance (FD) and precision/recall in the digit classifier's features
 against the reference batch (the cache's 1,797 images), and the share of samples the classifier reads as the
-digit their label asks for. The first row is `--num` real digits drawn from the reference, the floor of an FD at
-this sample size. NFE = network evaluations per image, counted by a hook on the network (a CFG pair counts 2);
+digit their label asks for. The first rows are `--num` real digits drawn from the reference, as they are (the
+floor of an FD at this sample size) and blurred or noised (the metric's scale). NFE = network evaluations per image, counted by a hook on the network (a CFG pair counts 2);
 seconds = sampling the images on this machine, decoding included. Columns give mean +- the spread (half the
 range over the seeds; with two seeds, half their difference).
 
@@ -114,25 +114,46 @@ def generate(row: Row, seed: int, num: int, out: Path) -> dict:
     return {"nfe": counter.rows / num, "seconds": seconds, "checkpoint": str(ckpt)}
 
 
-def real_digits(reference: Path, seed: int, num: int, out: Path) -> dict:
-    """`num` images drawn without replacement from the reference batch: what a perfect generator would give."""
+def blurred(images: np.ndarray, radius: float, seed: int) -> np.ndarray:
+    from PIL import Image, ImageFilter
+
+    return np.stack([np.asarray(Image.fromarray(x[..., 0]).filter(ImageFilter.GaussianBlur(radius)))[..., None]
+                     for x in images])
+
+
+def noised(images: np.ndarray, std: float, seed: int) -> np.ndarray:
+    noise = np.random.default_rng(seed + 1000).normal(0.0, std, images.shape)
+    return np.clip(images.astype(np.float64) + noise, 0, 255).astype(np.uint8)
+
+
+# The metric's scale: real digits as they are, and corrupted (name, label, corruption, its strength).
+REAL_ROWS = [("real", "real digits ({num:,} of the reference)", None, 0.0),
+             ("real_blur0.5", "real digits, Gaussian blur radius 0.5 px", blurred, 0.5),
+             ("real_blur1", "real digits, Gaussian blur radius 1 px", blurred, 1.0),
+             ("real_noise25", "real digits + Gaussian noise, std 25 of 255", noised, 25.0)]
+
+
+def real_digits(reference: Path, seed: int, num: int, out: Path, corrupt=None, strength: float = 0.0) -> dict:
+    """`num` images drawn without replacement from the reference batch (what a perfect generator would give),
+    optionally corrupted."""
     with np.load(reference) as data:
         images, labels = data["arr_0"], data["arr_1"]
     rows = np.random.default_rng(seed).permutation(len(images))[:num]
+    images = images[rows] if corrupt is None else corrupt(images[rows], strength, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, images[rows], labels[rows])
+    np.savez(out, images, labels[rows])
     return {"nfe": 0.0, "seconds": 0.0}
 
 
-def measure(row: Row | None, seed: int, num: int, folder: Path, cfg, extractor) -> dict:
+def measure(row, seed: int, num: int, folder: Path, cfg, extractor) -> dict:
     """One (row, seed): generate, score, save the result JSON (and reuse it when it is there)."""
     result_file = folder / f"seed{seed}.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
     npz = folder / f"seed{seed}.npz"
     npz.unlink(missing_ok=True)  # a half-made file of an interrupted run is made again
-    if row is None:
-        result = real_digits(Path(cfg.evaluate.reference), seed, num, npz)
+    if not isinstance(row, Row):  # (corruption, strength) of real digits
+        result = real_digits(Path(cfg.evaluate.reference), seed, num, npz, *row)
     else:
         result = generate(row, seed, num, npz)
     scores = score_npz(npz, cfg.evaluate.reference, extractor, cfg.evaluate.batch_size,
@@ -152,9 +173,10 @@ def spread(values: list[float], digits: int) -> str:
 
 def table_line(label: str, results: list[dict]) -> str:
     nfe = results[0]["nfe"]
+    cost = ["—", "—"] if nfe == 0 else [f"{nfe:.0f}" if nfe == round(nfe) else f"{nfe:.1f}",
+                                        spread([r["seconds"] for r in results], 1)]  # real digits cost nothing
     cells = [label, spread([r["fid"] for r in results], 1), spread([r["accuracy"] for r in results], 3),
-             spread([r["precision"] for r in results], 2), spread([r["recall"] for r in results], 2),
-             f"{nfe:.0f}" if nfe == round(nfe) else f"{nfe:.1f}", spread([r["seconds"] for r in results], 1)]
+             spread([r["precision"] for r in results], 2), spread([r["recall"] for r in results], 2), *cost]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -172,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                          "`python scripts/reference_batch.py -c configs/demo/digits.yaml`")
     extractor = feature_network(cfg, "cpu")
     out = Path(args.out)
-    rows = [(None, "real", f"real digits ({args.num:,} of the reference)")] + [(r, r.name, r.label) for r in ROWS]
+    rows = [((corrupt, strength), name, label.format(num=args.num)) for name, label, corrupt, strength in REAL_ROWS]
+    rows += [(r, r.name, r.label) for r in ROWS]
     selected = [r for r in rows if re.search(args.only, r[1])]
     lines = ["| sampler | FD | accuracy | precision | recall | NFE | seconds |", "|" + " --- |" * 7]
     for row, name, label in selected:

@@ -1,8 +1,8 @@
 """The GPU check: every phase and method once on one GPU, then the speed benchmarks beside the reference numbers.
 
     python scripts/gpu_check.py                      # on a machine with one CUDA GPU: checks, then benchmarks
-    python scripts/gpu_check.py --part checks        # only the checks (about 5 minutes on an H100-class GPU)
-    python scripts/gpu_check.py --part benchmarks    # only the benchmarks (about 6 minutes)
+    python scripts/gpu_check.py --part checks        # only the checks (estimated 5 minutes on an H100-class GPU)
+    python scripts/gpu_check.py --part benchmarks    # only the benchmarks (estimated 6 minutes)
     python scripts/gpu_check.py --cpu                # the same script with tiny models on the CPU (the suite runs it)
 
 Nothing is downloaded: the SD-VAE, DINOv2-B and ADM's Inception are built with random weights of their published

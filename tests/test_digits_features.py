@@ -145,3 +145,17 @@ def test_a_new_network_gets_new_reference_statistics(tmp_path, reference):
         save_classifier(DigitsNet(16), 0.0, tmp_path / f"net{seed}.pt")
         ids.append(DigitsFeatures(tmp_path / f"net{seed}.pt").id)
     assert ids[0] != ids[1]
+
+
+def test_fid_sweep_points_are_kept_apart_per_feature_network(tmp_path):
+    """FID-over-checkpoint points computed with one network are never reused for another (or a retrained one)."""
+    from phases.fid_sweep import settings_id, sweep_settings
+
+    torch.manual_seed(0)
+    save_classifier(DigitsNet(16), 0.0, tmp_path / "net.pt")
+    cfg = _demo_cfg(tmp_path, f"evaluate.digits_classifier={tmp_path / 'net.pt'}")
+    digits = settings_id(sweep_settings(cfg))
+    assert settings_id(sweep_settings(_demo_cfg(tmp_path, "evaluate.features=inception"))) != digits
+    torch.manual_seed(1)
+    save_classifier(DigitsNet(16), 0.0, tmp_path / "net.pt")
+    assert settings_id(sweep_settings(cfg)) != digits
