@@ -6,6 +6,8 @@ as one channel. Items follow scikit-learn's order; class names are "0".."9"; pat
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from PIL import Image
@@ -39,6 +41,33 @@ def shifted(images: torch.Tensor, generator: torch.Generator, most: int = 2) -> 
     dy, dx = torch.randint(0, 2 * most + 1, (2,), generator=generator).tolist()
     side = images.shape[-1]
     return torch.nn.functional.pad(images, (most, most, most, most))[..., dy:dy + side, dx:dx + side]
+
+
+def fit_classifier(net: torch.nn.Module, logits_of, steps: int, batch_size: int, seed: int, lr: float,
+                   weight_decay: float, log_every: int) -> tuple[float, int]:
+    """Train a demo classifier on the first four fifths of the digits (random shifts, AdamW with a one-cycle LR),
+    leave it in eval mode; (its accuracy on the held-out fifth, that fifth's size). `logits_of(net, uint8 [B, 1,
+    16, 16]) -> [B, 10]` puts the images into the network's input form."""
+    images, labels = digits_images(16)
+    images, labels = torch.from_numpy(images)[:, None], torch.from_numpy(labels)
+    split = held_out_start(len(images))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.time()
+    for step in range(1, steps + 1):
+        rows = torch.randint(0, split, (batch_size,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(logits_of(net, shifted(images[rows], generator)), labels[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % log_every == 0 or step == steps:
+            print(f"step {step}/{steps}  loss {loss.item():.4f}  {time.time() - start:.1f} s", flush=True)
+    net.eval()
+    with torch.no_grad():
+        guesses = logits_of(net, images[split:]).argmax(dim=1)
+    return (guesses == labels[split:]).float().mean().item(), len(labels) - split
 
 
 class DigitsSource(Dataset):

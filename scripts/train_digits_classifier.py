@@ -12,43 +12,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets.digits import digits_images, held_out_start, shifted  # noqa: E402
+from datasets.digits import fit_classifier  # noqa: E402
 from metrics.digits_features import DigitsNet, save_classifier, to_input  # noqa: E402
 
 
 def train(steps: int, batch_size: int, seed: int, image_size: int = 16) -> tuple[DigitsNet, float, int]:
     """The classifier (eval mode), its accuracy on the held-out fifth of the digits, and that fifth's size."""
     torch.manual_seed(seed)
-    images, labels = digits_images(image_size)
-    images, labels = torch.from_numpy(images)[:, None], torch.from_numpy(labels)
-    split = held_out_start(len(images))
     net = DigitsNet(image_size)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    start = time.time()
-    for step in range(1, steps + 1):
-        rows = torch.randint(0, split, (batch_size,), generator=generator)
-        _, logits = net(to_input(shifted(images[rows], generator)))
-        loss = F.cross_entropy(logits, labels[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 200 == 0 or step == steps:
-            print(f"step {step}/{steps}  loss {loss.item():.4f}  {time.time() - start:.1f} s", flush=True)
-    net.eval()
-    with torch.no_grad():
-        guesses = net(to_input(images[split:]))[1].argmax(dim=1)
-    return net, (guesses == labels[split:]).float().mean().item(), len(labels) - split
+    accuracy, held_out = fit_classifier(net, lambda n, images: n(to_input(images))[1], steps, batch_size, seed,
+                                        lr=3e-3, weight_decay=1e-4, log_every=200)
+    return net, accuracy, held_out
 
 
 def main(argv: list[str] | None = None) -> int:

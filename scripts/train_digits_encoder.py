@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets.digits import digits_images, held_out_start, shifted  # noqa: E402
+from datasets.digits import fit_classifier  # noqa: E402
 from models.encoders import encoder_input  # noqa: E402
 
 ARCHITECTURE = "vit_tiny_patch16_224"
@@ -37,30 +35,12 @@ def build(image_size: int = 16) -> torch.nn.Module:
 def train(steps: int, batch_size: int, seed: int) -> tuple[torch.nn.Module, float]:
     """The classifier and its accuracy on the last fifth of the digits (held out)."""
     torch.manual_seed(seed)
-    images, labels = digits_images(16)
-    images, labels = torch.from_numpy(images)[:, None], torch.from_numpy(labels)
-    split = held_out_start(len(images))
     vit = build()
     mean = torch.tensor(vit.pretrained_cfg["mean"])
     std = torch.tensor(vit.pretrained_cfg["std"])
-    optimizer = torch.optim.AdamW(vit.parameters(), lr=1e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    start = time.time()
-    for step in range(1, steps + 1):
-        rows = torch.randint(0, split, (batch_size,), generator=generator)
-        x = encoder_input(shifted(images[rows], generator), mean, std, 16)
-        loss = F.cross_entropy(vit(x), labels[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 250 == 0 or step == steps:
-            print(f"step {step}/{steps}  loss {loss.item():.4f}  {time.time() - start:.0f} s", flush=True)
-    vit.eval()
-    with torch.no_grad():
-        guesses = vit(encoder_input(images[split:], mean, std, 16)).argmax(dim=1)
-    return vit, (guesses == labels[split:]).float().mean().item()
+    accuracy, _ = fit_classifier(vit, lambda net, images: net(encoder_input(images, mean, std, 16)), steps,
+                                 batch_size, seed, lr=1e-3, weight_decay=0.05, log_every=250)
+    return vit, accuracy
 
 
 def main(argv: list[str] | None = None) -> int:
